@@ -1,0 +1,10 @@
+"""Long-tailed object detection and instance segmentation on LVIS, as a detectron2 project.
+
+Importing the package registers its datasets, samplers and (in later modules) model components.
+"""
+from . import datasets, mask_head, samplers  # noqa: F401  (registration on import)
+from .config import add_longtail_config
+from .engine import Trainer
+from .launch import launch
+
+__all__ = ["add_longtail_config", "Trainer", "launch"]

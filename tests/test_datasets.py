@@ -1,0 +1,55 @@
+import json
+
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from longtail.datasets import class_stats_from_json, frequency_from_image_count, prepare_datasets
+
+
+def test_frequency_buckets_follow_lvis():
+    assert [frequency_from_image_count(n) for n in (1, 10, 11, 100, 101)] == list("rrccf")
+
+
+def test_synthetic_metadata_attached():
+    prepare_datasets(["longtail_synth_mini_train", "longtail_synth_mini_val"])
+    train = MetadataCatalog.get("longtail_synth_mini_train")
+    val = MetadataCatalog.get("longtail_synth_mini_val")
+    with open(train.json_file) as f:
+        data = json.load(f)
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    assert train.thing_classes == [c["name"] for c in cats]
+    assert train.class_image_count == [c["image_count"] for c in cats]
+    assert train.class_instance_count == [c["instance_count"] for c in cats]
+    assert train.class_frequency == [c["frequency"] for c in cats]
+    assert train.evaluator_type == "lvis"
+    # val carries the *training* statistics, as LVIS val does
+    assert val.class_image_count == train.class_image_count
+    dicts = DatasetCatalog.get("longtail_synth_mini_train")
+    assert len(dicts) == train.num_train_images
+    assert {a["category_id"] for d in dicts for a in d["annotations"]} <= set(range(len(cats)))
+
+
+def test_num_classes_mismatch_names_the_key():
+    with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NUM_CLASSES"):
+        prepare_datasets(["longtail_synth_mini_train"], num_classes=1203)
+
+
+def test_missing_lvis_files_explain_how_to_get_them():
+    # detectron2 registers lvis_v1_train at datasets/lvis/lvis_v1_train.json, absent here
+    with pytest.raises(FileNotFoundError) as e:
+        prepare_datasets(["lvis_v1_train"])
+    msg = str(e.value)
+    assert "lvis_v1_train.json" in msg and "DETECTRON2_DATASETS" in msg and "lvisdataset.org" in msg
+
+
+def test_unknown_dataset_lists_available():
+    with pytest.raises(KeyError, match="longtail_synth_train"):
+        prepare_datasets(["no_such_dataset"])
+
+
+def test_class_stats_reject_non_contiguous_ids(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}],
+                                "annotations": [], "images": []}))
+    with pytest.raises(ValueError, match="contiguous"):
+        class_stats_from_json(str(path))

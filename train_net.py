@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""
+Train and evaluate long-tailed detectors (detectron2 + the ``longtail`` project).
+
+Examples:
+    # the embedded synthetic dataset, CPU, 2 processes (gloo)
+    python train_net.py --config-file configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml --num-gpus 2
+    # LVIS v1 on 8 GPUs
+    python train_net.py --config-file configs/LVISv1/mask_rcnn_R_50_FPN_1x_rfs.yaml --num-gpus 8
+    # evaluate saved weights
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    # continue from the last checkpoint in OUTPUT_DIR
+    python train_net.py --config-file ... --resume
+"""
+import json
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+import longtail
+from longtail import Trainer, add_longtail_config, launch
+
+logger = logging.getLogger("longtail")
+
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_longtail_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cpu_fallback = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
+    if cpu_fallback:
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.LONGTAIL.NUM_THREADS > 0:
+        torch.set_num_threads(cfg.LONGTAIL.NUM_THREADS)
+    cfg.freeze()
+    default_setup(cfg, args)
+    if cpu_fallback:
+        logging.getLogger("detectron2").warning("CUDA is not available: MODEL.DEVICE set to cpu.")
+    return cfg
+
+
+def format_summary(results) -> str:
+    """A plain-text LVIS table: one row per dataset and task (bbox, segm), SUMMARY_KEYS columns."""
+    per_dataset = {"": results} if "bbox" in results or "segm" in results else results
+    lines = ["| task | " + " | ".join(SUMMARY_KEYS) + " |", "|" + "---|" * (len(SUMMARY_KEYS) + 1)]
+    for dataset, tasks in per_dataset.items():
+        for task, metrics in tasks.items():
+            row = " | ".join(f"{metrics.get(k, float('nan')):.2f}" for k in SUMMARY_KEYS)
+            lines.append(f"| {(dataset + ' ' + task).strip()} | {row} |")
+    return "\n".join(lines)
+
+
+def report(cfg, results):
+    """Write eval_results.json and print the table plus where everything was written."""
+    if not comm.is_main_process() or not results:
+        return
+    path = os.path.join(cfg.OUTPUT_DIR, "eval_results.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    model_path = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    print("\nLVIS evaluation\n" + format_summary(results), flush=True)
+    print(
+        "\nOutputs:\n"
+        + (f"  model:   {model_path}\n" if os.path.exists(model_path) else "")
+        + f"  metrics: {path} (training curves: {os.path.join(cfg.OUTPUT_DIR, 'metrics.json')})\n"
+        + f"  logs:    {os.path.join(cfg.OUTPUT_DIR, 'log.txt')}\n",
+        flush=True,
+    )
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        report(cfg, results)
+        return results
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    results = trainer.train()
+    report(cfg, results)
+    return results
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
