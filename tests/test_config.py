@@ -35,17 +35,23 @@ def test_add_config_is_compatible_with_existing_key():
     assert cfg.DATALOADER.REPEAT_SQRT is False
 
 
+BASELINES = [p for p in CONFIGS if os.path.basename(p).startswith("mask_rcnn_R_")]
+LOCE = [p for p in CONFIGS if "/LVIS" in p and os.path.basename(p).startswith("loce_")]
+BAGS = [p for p in CONFIGS if "/LVIS" in p and os.path.basename(p).startswith("bags_")]
+
+
 @pytest.mark.parametrize("path", CONFIGS)
 def test_config_loads(path):
     cfg = load(path)
     assert cfg.DATALOADER.SAMPLER_TRAIN in SAMPLER_REGISTRY
     assert cfg.TEST.DETECTIONS_PER_IMAGE == (100 if "Synthetic" in path else 300)
-    assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
     if "rfs" in os.path.basename(path):
         assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+    if "stage2" in path:
+        assert cfg.MODEL.LONGTAIL.TRAINABLE_PREFIXES and cfg.MODEL.WEIGHTS.endswith("model_final.pth")
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if "/LVIS" in p or "Base-LongTail" in p])
+@pytest.mark.parametrize("path", BASELINES + ["configs/Base-LongTail-RCNN-FPN.yaml"])
 def test_lvis_configs_follow_the_standard_recipe(path):
     cfg = load(path)
     v05 = "LVISv0.5" in path
@@ -58,6 +64,59 @@ def test_lvis_configs_follow_the_standard_recipe(path):
         assert cfg.DATALOADER.REPEAT_THRESHOLD == 0.001
     if "R_101" in path:
         assert cfg.MODEL.RESNETS.DEPTH == 101 and "R-101" in cfg.MODEL.WEIGHTS
+    assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
+
+
+# (MAX_ITER, STEPS) derived in the specs: ceil(epochs * N / 16), N = 99,388 (v1) / 56,740 (v0.5)
+LOCE_SCHEDULES = {
+    ("LVISv1", "stage1"): (149082, (99388, 136659)),
+    ("LVISv1", "stage2"): (37271, (18636, 31059)),
+    ("LVISv0.5", "stage1"): (85110, (56740, 78018)),
+    ("LVISv0.5", "stage2"): (21278, (10639, 17732)),
+}
+
+
+@pytest.mark.parametrize("path", LOCE)
+def test_loce_configs_match_the_spec(path):
+    cfg = load(path)
+    version = path.split("/")[1]
+    stage = "stage2" if "stage2" in path else "stage1"
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == LOCE_SCHEDULES[(version, stage)]
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == (1230 if version == "LVISv0.5" else 1203)
+    assert cfg.MODEL.ROI_MASK_HEAD.NAME == "NormedMaskRCNNConvUpsampleHead"
+    assert cfg.MODEL.ROI_MASK_HEAD.COSINE_SCALE == 20.0
+    assert cfg.INPUT.FORMAT == "RGB" and not cfg.MODEL.RESNETS.STRIDE_IN_1X1
+    assert cfg.SOLVER.BASE_LR == 0.02 and cfg.SOLVER.WARMUP_ITERS == 500
+    assert cfg.SOLVER.WARMUP_FACTOR == 0.001 and cfg.SOLVER.IMS_PER_BATCH == 16
+    assert cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
+    assert cfg.MODEL.RESNETS.DEPTH == (101 if "R_101" in path else 50)
+    if stage == "stage2":
+        assert cfg.MODEL.ROI_HEADS.NAME == "LongTailROIHeads"
+        assert cfg.MODEL.LONGTAIL.CLS_LOSS == "ebl" and cfg.MODEL.LONGTAIL.IMS_PER_VGPU == 2
+        assert cfg.MODEL.LOCE.ALPHA == 0.9 and cfg.MODEL.LOCE.BG_SCORE == 0.01
+        assert cfg.MODEL.LONGTAIL.TRAINABLE_PREFIXES == [
+            "proposal_generator.", "roi_heads.box_predictor.", "roi_heads.mask_head."]
+
+
+@pytest.mark.parametrize("path", BAGS)
+def test_bags_configs_match_the_spec(path):
+    cfg = load(path)
+    v05 = "LVISv0.5" in path
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (
+        (42555, (28370, 39009)) if v05 else (74541, (49694, 68330)))
+    assert cfg.SOLVER.BASE_LR == 0.01 and cfg.SOLVER.CLIP_GRADIENTS.ENABLED
+    assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 35.0 and cfg.SOLVER.WARMUP_FACTOR == 0.3333
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (800,) and cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
+    assert cfg.MODEL.MASK_ON == ("mask_rcnn" in path)
+    assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == (0.001 if "mask_rcnn" in path else 0.0)
+    assert cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN == 2000 and cfg.MODEL.RPN.BOUNDARY_THRESH == 0
+    if "stage2" in path:
+        assert cfg.MODEL.LONGTAIL.CLS_LOSS == "bags" and cfg.MODEL.LONGTAIL.IMS_PER_VGPU == 2
+        assert list(cfg.MODEL.BAGS.BIN_EDGES) == [10, 100, 1000]
+        assert cfg.MODEL.BAGS.OTHERS_SAMPLE_RATIO == 8.0
+        assert cfg.MODEL.LONGTAIL.TRAINABLE_PREFIXES == ["roi_heads.box_predictor.cls_score."]
+    else:
+        assert "COCO" in cfg.MODEL.WEIGHTS
 
 
 def test_synthetic_configs_fit_the_embedded_dataset():
@@ -65,5 +124,6 @@ def test_synthetic_configs_fit_the_embedded_dataset():
         cfg = load(path)
         assert cfg.DATASETS.TRAIN == ("longtail_synth_train",)
         assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 48
-        assert cfg.MODEL.WEIGHTS == ""  # trained from scratch
+        if "stage2" not in path:
+            assert cfg.MODEL.WEIGHTS == ""  # trained from scratch
         assert max(cfg.INPUT.MIN_SIZE_TRAIN) <= 160 and cfg.INPUT.MIN_SIZE_TEST <= 160

@@ -4,6 +4,8 @@ Differences from ``DefaultTrainer``:
 
 * before the model is built, :func:`longtail.datasets.prepare_datasets` checks the datasets,
   generates the synthetic one if needed and attaches the class statistics the methods use;
+  after it is built, ``MODEL.LONGTAIL.TRAINABLE_PREFIXES`` freezes the rest (decoupled
+  training, :mod:`longtail.freeze`);
 * the training sampler comes from :data:`longtail.samplers.SAMPLER_REGISTRY`
   (``DATALOADER.SAMPLER_TRAIN``);
 * datasets with ``evaluator_type == "lvis"`` are evaluated with the LVIS evaluator;
@@ -24,6 +26,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .datasets import prepare_datasets
+from .freeze import freeze_except
 from .samplers import build_train_sampler
 
 __all__ = ["Trainer", "wrap_ddp"]
@@ -49,10 +52,6 @@ class Trainer(DefaultTrainer):
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        prepare_datasets(
-            list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), cfg.MODEL.ROI_HEADS.NUM_CLASSES
-        )
-
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -68,6 +67,16 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Prepare the datasets (class metadata), build the model, apply decoupled training."""
+        prepare_datasets(
+            list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        )
+        model = super().build_model(cfg)
+        freeze_except(model, cfg.MODEL.LONGTAIL.TRAINABLE_PREFIXES)
+        return model
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -91,7 +100,3 @@ class Trainer(DefaultTrainer):
             "project evaluates LVIS-type datasets only (evaluator_type 'lvis')."
         )
 
-    @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        prepare_datasets(list(cfg.DATASETS.TEST), cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-        return super().test(cfg, model, evaluators)
