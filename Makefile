@@ -8,7 +8,7 @@ DEMO_CONFIG ?= configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml
 DEMO_OUTPUT ?= output/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast benchmark-sampling clean
+.PHONY: setup demo test test-fast benchmark-sampling benchmark-loce benchmark-bags benchmark-overhead clean
 
 setup:
 	LONGTAIL_D2=$(LONGTAIL_D2) bash scripts/bootstrap.sh
@@ -23,9 +23,18 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# Uniform vs repeat-factor sampling on the embedded dataset; writes docs/benchmarks.md's section.
-benchmark-sampling: setup
-	$(PY) tools/benchmark_sampling.py
+# Trainings on the embedded dataset, each writing its section of docs/benchmarks.md
+# (finished runs are reused; ~20 min per model on 2 CPU cores).
+benchmark-sampling: setup   # uniform vs repeat-factor sampling
+	$(PY) tools/benchmark_runs.py sampling
+benchmark-loce: setup       # LOCE stage 1 -> stage 2 (EBL)
+	$(PY) tools/benchmark_runs.py loce
+benchmark-bags: benchmark-sampling  # uniform baseline (= BAGS stage 1) -> BAGS stage 2
+	$(PY) tools/benchmark_runs.py bags
+
+# Step-time overhead of EBL / BAGS over softmax CE and of the BAGS merge at LVIS v1 scale.
+benchmark-overhead: setup
+	$(PY) tools/benchmark_overhead.py
 
 clean:
 	rm -rf output .pytest_cache

@@ -92,7 +92,10 @@ def main(args):
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    results = trainer.train()
+    trainer.train()
+    # DefaultTrainer.train() returns the results only when TEST.EXPECTED_RESULTS is set; the
+    # evaluation hook keeps the last ones here.
+    results = getattr(trainer, "_last_eval_results", None)
     report(cfg, results)
     return results
 

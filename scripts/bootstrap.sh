@@ -44,10 +44,10 @@ fi
 
 d2_ok() {
   "$PY" - <<'PY' 2>/dev/null
+import re
 import detectron2
-from packaging.version import Version
-v = detectron2.__version__
-assert Version(v.split("+")[0]) >= Version("0.6"), v
+major_minor = tuple(int(x) for x in re.findall(r"\d+", detectron2.__version__)[:2])
+assert major_minor >= (0, 6), detectron2.__version__
 PY
 }
 if d2_ok; then

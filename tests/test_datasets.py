@@ -3,11 +3,12 @@ import json
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from longtail.datasets import class_stats_from_json, frequency_from_image_count, prepare_datasets
+from longtail.datasets import class_stats_from_json, prepare_datasets
+from longtail.synthetic import lvis_frequency
 
 
 def test_frequency_buckets_follow_lvis():
-    assert [frequency_from_image_count(n) for n in (1, 10, 11, 100, 101)] == list("rrccf")
+    assert [lvis_frequency(n) for n in (1, 10, 11, 100, 101)] == list("rrccf")
 
 
 def test_synthetic_metadata_attached():

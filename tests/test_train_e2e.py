@@ -72,3 +72,33 @@ def test_two_cpu_processes_with_gloo(python, repo_root, tmp_path):
     assert "World size: 2" in log
     results = read_results(out)
     assert "bbox" in results and "segm" in results
+
+
+def test_two_stage_methods_through_train_net(python, repo_root, tmp_path):
+    """Stage 1 (normed mask head), then EBL and BAGS stage 2 from its weights, evaluated."""
+    stage1 = str(tmp_path / "stage1")
+    mini = [o if o != "('longtail_synth_mini_val',)" else "()" for o in SMALL]
+    proc_cfg = ["--config-file", "configs/Synthetic/loce_stage1_normed_mask.yaml"]
+    subprocess.run([python, "train_net.py", *proc_cfg, *mini, "SOLVER.MAX_ITER", "3",
+                    "OUTPUT_DIR", stage1], cwd=repo_root, check=True, capture_output=True)
+    weights = os.path.join(stage1, "model_final.pth")
+    for config, key in (("configs/Synthetic/loce_stage2_ebl.yaml", "mean_score.mean_scores"),
+                        ("configs/Synthetic/bags_stage2.yaml", "cls_score.weight")):
+        out = str(tmp_path / os.path.basename(config)[:-5])
+        proc = subprocess.run(
+            [python, "train_net.py", "--config-file", config, *SMALL, "SOLVER.MAX_ITER", "3",
+             "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out],
+            cwd=repo_root, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        assert set(read_results(out)) == {"bbox", "segm"}
+        state = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu",
+                           weights_only=False)["model"]
+        first = torch.load(weights, map_location="cpu", weights_only=False)["model"]
+        value = state["roi_heads.box_predictor." + key]
+        if key.startswith("mean_score"):
+            assert not torch.allclose(value, torch.full_like(value, 0.01))  # statistics moved
+            frozen = "backbone.bottom_up.stem.conv1.weight"
+        else:
+            assert value.shape[0] > 49  # C + 2 + G group logits
+            frozen = "roi_heads.box_head.fc1.weight"
+        assert torch.equal(state[frozen], first[frozen])  # decoupled: frozen part unchanged

@@ -22,9 +22,11 @@ with four groups) is the concatenation of the group slices ``G0, G1, ..., GG``.
 
 Vectorisation
 -------------
-All per-group computations use a padded layout: ``gather_index [G+1, Lmax]`` picks each group's
-columns out of the ``[N, L]`` logits (padding is masked to ``-inf`` before any softmax), so no
-Python loop runs over RoIs, classes or groups in the loss, the selection or the merge.
+All per-group computations are segment reductions over the ``[N, L]`` logits with the
+``column_group [L]`` table (group of every logit column): a within-group log-softmax is
+``x - lse[:, column_group]`` with the per-group log-sum-exp ``lse [N, G+1]`` built by
+``scatter_reduce`` / ``index_add``, so no Python loop runs over RoIs, classes or groups in the loss,
+the selection or the merge, and no padded copy of the logits is made.
 """
 import dataclasses
 import math
@@ -53,7 +55,7 @@ class BagsTables:
     Lookup tables of a BAGS group layout; built by :func:`build_group_tables`.
 
     ``G`` = number of foreground groups, ``C`` = number of foreground classes,
-    ``L = C + 2 + G`` = number of raw logits, ``Lmax`` = length of the longest group slice.
+    ``L = C + 2 + G`` = number of raw logits.
 
     Attributes:
         num_classes: C.
@@ -62,9 +64,7 @@ class BagsTables:
         bin_edges: the bin edges the tables were built with.
         slices: [G+1, 2] long, (start, length) of each group's slice in the logit vector;
             contiguous, ``slices[0] = (0, 2)``, lengths ``n_g + 1`` for g >= 1.
-        gather_index: [G+1, Lmax] long, ``gather_index[g, i]`` = logit column of entry ``i`` of
-            group ``g`` (padding entries point at column 0 and must be masked with ``valid``).
-        valid: [G+1, Lmax] bool, True on real entries, False on padding.
+        column_group: [L] long, group (0..G) of every logit column (non-decreasing).
         label_table: [G+1, C+1] long, ``t_g(y)``: ``t_0(y) = 0 if y == C else 1``; for g >= 1,
             ``t_g(y) = 1 + rank of y in G_g`` if ``y`` is in ``G_g``, else 0 ("others";
             background is 0 in every foreground group).
@@ -80,8 +80,7 @@ class BagsTables:
     num_logits: int
     bin_edges: Tuple[float, ...]
     slices: torch.Tensor
-    gather_index: torch.Tensor
-    valid: torch.Tensor
+    column_group: torch.Tensor
     label_table: torch.Tensor
     class_group: torch.Tensor
     class_index: torch.Tensor
@@ -182,10 +181,7 @@ def build_group_tables(instance_counts, bin_edges: Sequence[float] = (10, 100, 1
         class_index[m] = torch.arange(1, m.numel() + 1)
     class_column = starts[class_group] + class_index
 
-    Lmax = int(lengths.max())
-    offsets = torch.arange(Lmax)
-    valid = offsets[None, :] < lengths[:, None]
-    gather_index = torch.where(valid, starts[:, None] + offsets[None, :], torch.zeros(()).long())
+    column_group = torch.repeat_interleave(torch.arange(G + 1), lengths)
 
     label_table = torch.zeros(G + 1, C + 1, dtype=torch.int64)
     label_table[0, :C] = 1
@@ -197,8 +193,7 @@ def build_group_tables(instance_counts, bin_edges: Sequence[float] = (10, 100, 1
         num_logits=L,
         bin_edges=edges,
         slices=slices,
-        gather_index=gather_index,
-        valid=valid,
+        column_group=column_group,
         label_table=label_table,
         class_group=class_group,
         class_index=class_index,
@@ -293,14 +288,29 @@ def select_others(
     return torch.cat([torch.ones(R, 1, dtype=torch.bool, device=device), fg_sel], dim=1)
 
 
-def _group_logits(logits: torch.Tensor, tables: BagsTables) -> torch.Tensor:
-    """[N, L] -> [N, G+1, Lmax] float32, padding = -inf."""
+def _group_log_normalizers(logits: torch.Tensor, tables: BagsTables):
+    """
+    Per-group log-sum-exp of the logits, as segment reductions over the logit columns.
+
+    Returns ``(x, lse)``: ``x`` = [N, L] float32 logits and ``lse`` = [N, G+1] with
+    ``lse[:, g] = log sum_{columns c of group g} exp(x[:, c])``, so that
+    ``x[:, c] - lse[:, group(c)]`` is the within-group log-softmax. Works on the [N, L] logits
+    directly (no padded copy), with no host synchronisation.
+    """
     if logits.dim() != 2 or logits.shape[1] != tables.num_logits:
         raise ValueError(
             f"logits must be [N, {tables.num_logits}] (C + 2 + G), got {tuple(logits.shape)}"
         )
-    x = logits.float()[:, tables.gather_index.to(logits.device)]
-    return x.masked_fill(~tables.valid.to(logits.device), float("-inf"))
+    H = tables.num_groups + 1
+    x = logits.float()
+    column_group = tables.column_group.to(logits.device)
+    # per-group maximum for stability; it cancels in the log-softmax, so no gradient through it
+    gmax = x.new_full((x.shape[0], H), float("-inf")).scatter_reduce(
+        1, column_group.expand_as(x), x.detach(), reduce="amax"
+    )
+    gmax = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
+    sums = x.new_zeros(x.shape[0], H).index_add_(1, column_group, torch.exp(x - gmax[:, column_group]))
+    return x, gmax + sums.log(), column_group
 
 
 def bags_loss(
@@ -351,8 +361,9 @@ def bags_loss(
         raise ValueError(f"selection must have shape [{R}, {H}], got {tuple(selection.shape)}")
     w = selection.to(device=device, dtype=torch.float32)
 
-    log_p = F.log_softmax(_group_logits(logits, tables), dim=-1)  # [R, G+1, Lmax]
-    nll = -log_p.gather(2, targets[:, :, None]).squeeze(2)  # [R, G+1]
+    x, lse, _ = _group_log_normalizers(logits, tables)  # [R, L], [R, G+1]
+    target_col = tables.slices[:, 0].to(device)[None, :] + targets  # [R, G+1] logit columns
+    nll = lse - x.gather(1, target_col)  # -log softmax within each group at its target
     # where() rather than a product: unselected rows get exactly zero gradient even if non-finite
     weighted = torch.where(w > 0, nll * w, torch.zeros_like(nll))
 
@@ -384,12 +395,11 @@ def bags_merge(logits: torch.Tensor, tables: BagsTables) -> torch.Tensor:
     Returns:
         [N, C+1] float32 scores, background last.
     """
-    p = F.softmax(_group_logits(logits, tables), dim=-1)  # [N, G+1, Lmax]
-    N, H, Lmax = p.shape
-    flat = p.reshape(N, H * Lmax)
-    cols = (tables.class_group * Lmax + tables.class_index).to(logits.device)
-    fg = flat[:, cols] * p[:, 0, 1:2]
-    return torch.cat([fg, p[:, 0, 0:1]], dim=1)
+    x, lse, column_group = _group_log_normalizers(logits, tables)
+    p = torch.exp(x - lse[:, column_group])  # [N, L] probabilities within each group
+    p0 = F.softmax(x[:, 0:2], dim=1)  # group 0 (background, foreground), exactly its softmax
+    fg = p[:, tables.class_column.to(logits.device)] * p0[:, 1:2]  # p^{g(k)}_{j(k)} * p^0_1
+    return torch.cat([fg, p0[:, 0:1]], dim=1)
 
 
 def _check_label_range(labels: torch.Tensor, num_classes: int):

@@ -35,7 +35,6 @@ __all__ = [
     "register_synthetic",
     "prepare_datasets",
     "class_stats_from_json",
-    "frequency_from_image_count",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,15 +53,6 @@ LVIS_HELP = (
     "$DETECTRON2_DATASETS/coco/{train2017,val2017}/, or point DETECTRON2_DATASETS (now {root!r}) "
     "at the directory that holds them. See README.md, 'LVIS set-up'."
 )
-
-
-def frequency_from_image_count(image_count: int) -> str:
-    """LVIS frequency bucket of a class from its number of training images."""
-    if image_count <= 10:
-        return "r"
-    if image_count <= 100:
-        return "c"
-    return "f"
 
 
 def _datasets_root() -> str:
@@ -134,7 +124,7 @@ def class_stats_from_json(json_file: str) -> Dict:
         instance_count[c] += 1
     image_count = [len(s) for s in image_sets]
     frequency = [
-        c.get("frequency") or frequency_from_image_count(n) for c, n in zip(cats, image_count)
+        c.get("frequency") or synthetic.lvis_frequency(n) for c, n in zip(cats, image_count)
     ]
     return {
         "thing_classes": [c["name"] for c in cats],
