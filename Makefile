@@ -3,7 +3,13 @@
 #   make test   set-up + the test suite
 # Set-up is scripts/bootstrap.sh (idempotent). Opt in to upstream detectron2 (compiled CUDA ops,
 # needs GitHub access): `make setup LONGTAIL_D2=upstream`.
-PY ?= .venv/bin/python
+# The environment the bootstrap installs into: $VENV, else an active virtualenv, else .venv/.
+ifdef VIRTUAL_ENV
+VENV ?= $(VIRTUAL_ENV)
+else
+VENV ?= .venv
+endif
+PY ?= $(VENV)/bin/python
 DEMO_CONFIG ?= configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml
 DEMO_OUTPUT ?= output/demo
 PYTEST_ARGS ?=
@@ -11,7 +17,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test test-fast benchmark-sampling benchmark-loce benchmark-bags benchmark-overhead clean
 
 setup:
-	LONGTAIL_D2=$(LONGTAIL_D2) bash scripts/bootstrap.sh
+	VENV=$(abspath $(VENV)) LONGTAIL_D2=$(LONGTAIL_D2) bash scripts/bootstrap.sh
 
 demo: setup
 	$(PY) train_net.py --config-file $(DEMO_CONFIG) --resume OUTPUT_DIR $(DEMO_OUTPUT)
