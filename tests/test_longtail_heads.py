@@ -192,3 +192,23 @@ def test_bad_configuration_fails_at_build_time():
     cfg = make_cfg("focal_whatever")
     with pytest.raises(ValueError, match="MODEL.LONGTAIL.CLS_LOSS"):
         Trainer.build_model(cfg)
+
+
+def test_full_model_gradient_clipping():
+    cfg = make_cfg()
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 35.0
+    cfg.SOLVER.BASE_LR = 0.0  # only the clipping acts
+    cfg.SOLVER.MOMENTUM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY = 0.0
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    opt = Trainer.build_optimizer(cfg, model)
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.full_like(p, 10.0 * (i + 1))
+    before = torch.cat([p.grad.flatten() for p in model.parameters()])
+    opt.step()
+    after = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert before.norm() > 35
+    assert after.norm() == pytest.approx(35.0, rel=1e-4)  # one norm over the whole model
+    assert torch.allclose(after / after.norm(), before / before.norm())  # direction kept

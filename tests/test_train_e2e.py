@@ -20,6 +20,8 @@ SMALL = [
 
 
 def run(python, repo_root, *args, check=True):
+    # flags (--eval-only, --resume, --num-gpus) must precede the config overrides, which
+    # detectron2's argument parser collects as the remainder of the command line
     proc = subprocess.run(
         [python, "train_net.py", "--config-file", CONFIG, *args],
         cwd=repo_root,
@@ -50,12 +52,12 @@ def test_train_evaluate_eval_only_and_resume(python, repo_root, tmp_path):
 
     # --eval-only on the saved weights reproduces the end-of-training evaluation exactly
     eval_out = str(tmp_path / "eval")
-    run(python, repo_root, *SMALL, "--eval-only", "MODEL.WEIGHTS",
+    run(python, repo_root, "--eval-only", *SMALL, "MODEL.WEIGHTS",
         os.path.join(out, "model_final.pth"), "OUTPUT_DIR", eval_out)
     assert read_results(eval_out) == results
 
     # --resume continues from the last checkpoint instead of restarting
-    _, log = run(python, repo_root, *SMALL, "--resume", "SOLVER.MAX_ITER", "9", "OUTPUT_DIR", out)
+    _, log = run(python, repo_root, "--resume", *SMALL, "SOLVER.MAX_ITER", "9", "OUTPUT_DIR", out)
     assert "Starting training from iteration 6" in log
     resumed = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
     assert resumed["iteration"] == 8

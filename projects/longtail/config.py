@@ -62,6 +62,9 @@ def add_longtail_config(cfg: CN) -> CN:
     # Std of the normal init of the (fresh) C + 2 + G classifier; bias 0.
     _C.MODEL.BAGS.CLS_INIT_STD = 0.01
 
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE (detectron2's key) also accepts "full_model" here: clip the
+    # L2 norm of all gradients together at CLIP_VALUE (MMDetection's grad_clip; BAGS uses 35).
+
     _C.LONGTAIL = CN()
     # Number of torch intra-op threads per process; 0 leaves torch's default. On CPU, running N
     # processes on C cores wants C // N threads each (train_net.py sets this when 0 and no GPU).

@@ -8,6 +8,8 @@ Differences from ``DefaultTrainer``:
   training, :mod:`longtail.freeze`);
 * the training sampler comes from :data:`longtail.samplers.SAMPLER_REGISTRY`
   (``DATALOADER.SAMPLER_TRAIN``);
+* ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` clips the norm of all gradients together
+  (MMDetection's ``grad_clip``, used by BAGS), see :mod:`longtail.solver`;
 * datasets with ``evaluator_type == "lvis"`` are evaluated with the LVIS evaluator;
 * on CPU, DistributedDataParallel is created without ``device_ids`` (detectron2's
   ``create_ddp_model`` passes the local rank as a CUDA device id, which is wrong for CPU modules).
@@ -28,6 +30,7 @@ from detectron2.utils.logger import setup_logger
 from .datasets import prepare_datasets
 from .freeze import freeze_except
 from .samplers import build_train_sampler
+from .solver import build_optimizer
 
 __all__ = ["Trainer", "wrap_ddp"]
 
@@ -77,6 +80,11 @@ class Trainer(DefaultTrainer):
         model = super().build_model(cfg)
         freeze_except(model, cfg.MODEL.LONGTAIL.TRAINABLE_PREFIXES)
         return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's optimizer; ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` also works."""
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
