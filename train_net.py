@@ -22,6 +22,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import longtail
 from longtail import Trainer, add_longtail_config, launch
@@ -43,6 +44,8 @@ def setup(args):
         torch.set_num_threads(cfg.LONGTAIL.NUM_THREADS)
     cfg.freeze()
     default_setup(cfg, args)
+    # the project's own messages (class statistics, BAGS groups, frozen parameters) go to the same log
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="longtail")
     if cpu_fallback:
         logging.getLogger("detectron2").warning("CUDA is not available: MODEL.DEVICE set to cpu.")
     return cfg
