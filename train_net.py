@@ -12,6 +12,7 @@ Examples:
     # continue from the last checkpoint in OUTPUT_DIR
     python train_net.py --config-file ... --resume
 """
+import glob
 import json
 import logging
 import os
@@ -30,6 +31,9 @@ from longtail import Trainer, add_longtail_config, launch
 logger = logging.getLogger("longtail")
 
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+# AP_fixed / AP_pool (LONGTAIL.EVAL.FIXED_AP / POOLED_AP), printed in a second table when present
+PROTOCOL_KEYS = ("AP_fixed", "APr_fixed", "APc_fixed", "APf_fixed",
+                 "AP_pool", "APr_pool", "APc_pool", "APf_pool")
 
 
 def setup(args):
@@ -51,15 +55,38 @@ def setup(args):
     return cfg
 
 
-def format_summary(results) -> str:
-    """A plain-text LVIS table: one row per dataset and task (bbox, segm), SUMMARY_KEYS columns."""
-    per_dataset = {"": results} if "bbox" in results or "segm" in results else results
-    lines = ["| task | " + " | ".join(SUMMARY_KEYS) + " |", "|" + "---|" * (len(SUMMARY_KEYS) + 1)]
+def _table(per_dataset, keys) -> list:
+    lines = ["| task | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
     for dataset, tasks in per_dataset.items():
         for task, metrics in tasks.items():
-            row = " | ".join(f"{metrics.get(k, float('nan')):.2f}" for k in SUMMARY_KEYS)
+            row = " | ".join(f"{metrics.get(k, float('nan')):.2f}" for k in keys)
             lines.append(f"| {(dataset + ' ' + task).strip()} | {row} |")
+    return lines
+
+
+def format_summary(results) -> str:
+    """A plain-text LVIS table: one row per dataset and task (bbox, segm), SUMMARY_KEYS columns;
+    a second table with the AP_fixed / AP_pool keys when the evaluation computed them."""
+    per_dataset = {"": results} if "bbox" in results or "segm" in results else results
+    lines = _table(per_dataset, SUMMARY_KEYS)
+    present = {k for tasks in per_dataset.values() for m in tasks.values() for k in m}
+    extra = [k for k in PROTOCOL_KEYS if k in present]
+    if extra:
+        lines += ["", "Fixed AP (top-k per class, no per-image cap) / pooled AP (Dave et al. 2021)"]
+        lines += _table(per_dataset, extra)
     return "\n".join(lines)
+
+
+def per_category_summaries(cfg) -> list:
+    """(directory, frequency table) of every evaluator output with per-category files."""
+    from longtail.evaluation import format_frequency_table
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(cfg.OUTPUT_DIR, "inference", "*",
+                                              "summary_by_frequency.json"))):
+        with open(path) as f:
+            out.append((os.path.dirname(path), format_frequency_table(json.load(f))))
+    return out
 
 
 def report(cfg, results):
@@ -71,10 +98,17 @@ def report(cfg, results):
         json.dump(results, f, indent=2)
     model_path = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     print("\nLVIS evaluation\n" + format_summary(results), flush=True)
+    per_category = per_category_summaries(cfg)
+    for folder, table in per_category:
+        print(f"\nAP by frequency bucket, mean over categories ({os.path.basename(folder)})\n"
+              + table, flush=True)
     print(
         "\nOutputs:\n"
         + (f"  model:   {model_path}\n" if os.path.exists(model_path) else "")
         + f"  metrics: {path} (training curves: {os.path.join(cfg.OUTPUT_DIR, 'metrics.json')})\n"
+        + "".join(f"  per-category AP: {folder}/per_category_{{bbox,segm}}.{{json,csv}}, "
+                  f"summary_by_frequency.{{json,csv}}\n" for folder, _ in per_category)
+        + (f"  plots:   python tools/plot_results.py {cfg.OUTPUT_DIR}\n" if per_category else "")
         + f"  logs:    {os.path.join(cfg.OUTPUT_DIR, 'log.txt')}\n",
         flush=True,
     )

@@ -127,3 +127,43 @@ def test_synthetic_configs_fit_the_embedded_dataset():
         if "stage2" not in path:
             assert cfg.MODEL.WEIGHTS == ""  # trained from scratch
         assert max(cfg.INPUT.MIN_SIZE_TRAIN) <= 160 and cfg.INPUT.MIN_SIZE_TEST <= 160
+
+
+RIO = [p for p in CONFIGS if "/LVIS" in p and os.path.basename(p).startswith("rio_")]
+LOCE_FULL = [p for p in LOCE if p.endswith("_FPN_stage2.yaml")]
+
+
+def test_every_method_has_lvis_configs():
+    assert len(RIO) == 4 and len(LOCE_FULL) == 4  # R50 / R101 x v0.5 / v1
+
+
+@pytest.mark.parametrize("path", RIO)
+def test_rio_configs_match_the_spec(path):
+    cfg = load(path)
+    v05 = "LVISv0.5" in path
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == (1230 if v05 else 1203)
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (
+        (90000, (60000, 80000)) if v05 else (180000, (120000, 160000)))
+    assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+    assert cfg.DATALOADER.REPEAT_THRESHOLD == 0.001 and cfg.DATALOADER.REPEAT_SQRT
+    assert cfg.MODEL.ROI_HEADS.NAME == "LongTailROIHeads"
+    assert cfg.MODEL.LONGTAIL.CLS_LAYER == "cosine" and cfg.MODEL.LONGTAIL.COSINE_SCALE == 48.0
+    assert cfg.MODEL.LONGTAIL.CLS_LOSS == "softmax_ce" and cfg.MODEL.LONGTAIL.IMS_PER_VGPU == 4
+    mem = cfg.MODEL.MEMORY
+    assert (mem.POLICY, mem.CAPACITY, mem.RIO.REPLAY_PER_CLASS) == ("rio", 60, 20)
+    assert mem.RIO.CACHE_MAX_IMAGE_COUNT == 30 and not mem.RIO.RANDOM_SELECT
+    assert cfg.SOLVER.BASE_LR == 0.02 and cfg.SOLVER.IMS_PER_BATCH == 16
+    assert cfg.SOLVER.WARMUP_ITERS == 1000 and cfg.SOLVER.WARMUP_FACTOR == 0.001
+    depth = 101 if "R_101" in path else 50
+    assert cfg.MODEL.RESNETS.DEPTH == depth and f"R-{depth}.pkl" in cfg.MODEL.WEIGHTS
+
+
+@pytest.mark.parametrize("path", LOCE_FULL)
+def test_full_loce_configs_add_mfs(path):
+    cfg = load(path)
+    mem = cfg.MODEL.MEMORY
+    assert (mem.POLICY, mem.CAPACITY) == ("mfs", 80)
+    assert mem.MFS.SAMPLED_NUM_CLASSES == 8 and mem.MFS.SAMPLED_NUM_FEATURES == 4
+    assert mem.MFS.JITTER_RATIO == pytest.approx(1 / 6) and mem.MFS.SCORE_EPS == 1e-7
+    assert mem.MFS.INIT_IMAGES_PER_CLASS == 5 and mem.CHECKPOINT
+    assert cfg.MODEL.LONGTAIL.CLS_LOSS == "ebl" and cfg.MODEL.LONGTAIL.IMS_PER_VGPU == 2

@@ -85,13 +85,18 @@ def test_two_stage_methods_through_train_net(python, repo_root, tmp_path):
                     "OUTPUT_DIR", stage1], cwd=repo_root, check=True, capture_output=True)
     weights = os.path.join(stage1, "model_final.pth")
     for config, key in (("configs/Synthetic/loce_stage2_ebl.yaml", "mean_score.mean_scores"),
+                        ("configs/Synthetic/loce_stage2_ebl_mfs.yaml", "mean_score.mean_scores"),
                         ("configs/Synthetic/bags_stage2.yaml", "cls_score.weight")):
         out = str(tmp_path / os.path.basename(config)[:-5])
         proc = subprocess.run(
             [python, "train_net.py", "--config-file", config, *SMALL, "SOLVER.MAX_ITER", "3",
-             "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out],
+             "MODEL.WEIGHTS", weights, "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", "1",
+             "OUTPUT_DIR", out],
             cwd=repo_root, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        if "mfs" in config:  # the initialisation pass ran before the first iteration
+            assert "MFS initialisation pass" in proc.stdout + proc.stderr
+            assert os.path.exists(os.path.join(out, "model_final.rank0.pth"))
         assert set(read_results(out)) == {"bbox", "segm"}
         state = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu",
                            weights_only=False)["model"]
@@ -104,3 +109,42 @@ def test_two_stage_methods_through_train_net(python, repo_root, tmp_path):
             assert value.shape[0] > 49  # C + 2 + G group logits
             frozen = "roi_heads.box_head.fc1.weight"
         assert torch.equal(state[frozen], first[frozen])  # decoupled: frozen part unchanged
+
+
+def _memory(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["states"]["roi_heads.memory"]
+
+
+@pytest.mark.dist
+def test_rio_memory_resume_and_per_rank_memories(python, repo_root, tmp_path):
+    """RIO through train_net.py: memories saved per rank, restored on --resume, never shared."""
+    rio = ["--config-file", "configs/Synthetic/rio_R18_FPN.yaml"]
+    out = str(tmp_path / "rio")
+    proc = subprocess.run(
+        [python, "train_net.py", *rio, *SMALL, "SOLVER.MAX_ITER", "3",
+         "DATASETS.TEST", "()", "OUTPUT_DIR", out],
+        cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    saved = _memory(os.path.join(out, "model_final.rank0.pth"))
+    assert int(saved["fill"].sum()) > 0
+    assert not os.path.exists(os.path.join(out, "model_0000002.rank0.pth"))  # only the newest
+    proc = subprocess.run(
+        [python, "train_net.py", *rio, "--resume", *SMALL, "SOLVER.MAX_ITER", "5",
+         "DATASETS.TEST", "()", "OUTPUT_DIR", out],
+        cwd=repo_root, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "Restored per-process state (random generators, roi_heads.memory)" in log
+    resumed = _memory(os.path.join(out, "model_final.rank0.pth"))
+    assert int(resumed["fill"].sum()) > int(saved["fill"].sum())  # continued, not restarted
+
+    out2 = str(tmp_path / "rio_dist")
+    proc = subprocess.run(
+        [python, "train_net.py", *rio, "--num-gpus", "2", *SMALL, "SOLVER.IMS_PER_BATCH", "8",
+         "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "OUTPUT_DIR", out2],
+        cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    r0 = _memory(os.path.join(out2, "model_final.rank0.pth"))
+    r1 = _memory(os.path.join(out2, "model_final.rank1.pth"))
+    assert int(r0["fill"].sum()) > 0 and int(r1["fill"].sum()) > 0
+    assert not torch.equal(r0["features"], r1["features"])  # each rank keeps its own memory

@@ -7,6 +7,7 @@ an interrupted suite continues where it stopped. Run from the repository root:
     python tools/benchmark_runs.py sampling   # uniform vs repeat-factor sampling
     python tools/benchmark_runs.py loce       # LOCE stage 1 (normed mask head) -> stage 2 (EBL)
     python tools/benchmark_runs.py bags       # uniform baseline (stage 1) -> BAGS stage 2
+    python tools/benchmark_runs.py memory     # RIO vs RFS; LOCE EBL + MFS vs EBL alone
 
 Each row reports bbox and segm AP, AP50, APr, APc, APf and APf - APr. (Timings are measured
 separately, on a quiet machine: these runs may share the cores with other jobs.)
@@ -38,6 +39,24 @@ SUITES = {
         ("stage 2: EBL fine-tune", "configs/Synthetic/loce_stage2_ebl.yaml",
          "output/synthetic/loce_stage2_ebl"),
     ]),
+    "memory": ("Object memory: RIO replay and LOCE MFS", [
+        ("LOCE stage 1: normed mask head, softmax CE", "configs/Synthetic/loce_stage1_normed_mask.yaml",
+         "output/synthetic/loce_stage1"),
+        ("LOCE stage 2: EBL alone", "configs/Synthetic/loce_stage2_ebl.yaml",
+         "output/synthetic/loce_stage2_ebl"),
+        ("LOCE stage 2: EBL + MFS, float16 memory", "configs/Synthetic/loce_stage2_ebl_mfs.yaml",
+         "output/synthetic/loce_stage2_ebl_mfs"),
+        ("repeat-factor baseline", "configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml",
+         "output/bench_sampling/mask_rcnn_R18_FPN_rfs"),
+        ("RIO: repeat-factor + replay + cosine classifier", "configs/Synthetic/rio_R18_FPN.yaml",
+         "output/synthetic/rio"),
+        ("LOCE stage 2: EBL + MFS, float32 memory", "configs/Synthetic/loce_stage2_ebl_mfs.yaml",
+         "output/synthetic/loce_stage2_ebl_mfs_fp32", ["MODEL.MEMORY.DTYPE", "float32"]),
+        ("LOCE stage 2: EBL + MFS, int8 memory", "configs/Synthetic/loce_stage2_ebl_mfs.yaml",
+         "output/synthetic/loce_stage2_ebl_mfs_int8", ["MODEL.MEMORY.DTYPE", "int8"]),
+        ("RIO replay + EBL (combination)", "configs/Synthetic/rio_ebl_R18_FPN.yaml",
+         "output/synthetic/rio_ebl"),
+    ]),
     "bags": ("BAGS: balanced group softmax", [
         ("stage 1: uniform baseline, softmax CE", "configs/Synthetic/mask_rcnn_R18_FPN.yaml",
          "output/bench_sampling/mask_rcnn_R18_FPN"),
@@ -60,11 +79,11 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), no GPU, torch {torch.__version__}"
 
 
-def run(config: str, out: str, num_gpus: int, opts) -> dict:
+def run(config: str, out: str, num_gpus: int, opts, row_opts=()) -> dict:
     result_file = os.path.join(ROOT, out, "eval_results.json")
     if not os.path.exists(result_file):
         cmd = [sys.executable, "train_net.py", "--config-file", config, "--num-gpus",
-               str(num_gpus), "--resume", *opts, "OUTPUT_DIR", out]
+               str(num_gpus), "--resume", *opts, *row_opts, "OUTPUT_DIR", out]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
     with open(result_file) as f:
@@ -82,7 +101,7 @@ def main():
     opts = [o for o in args.opts if o != "--"]
     title, runs = SUITES[args.suite]
 
-    rows = [(name, config, out, run(config, out, args.num_gpus, opts)) for name, config, out in runs]
+    rows = [(r[0], r[1], r[2], run(r[1], r[2], args.num_gpus, opts, *r[3:])) for r in runs]
     lines = [
         f"Machine: {machine()}. Command (repository root): `python tools/benchmark_runs.py "
         f"{args.suite}" + (f" --num-gpus {args.num_gpus}" if args.num_gpus != 1 else "")
@@ -91,11 +110,12 @@ def main():
         "| model | task | " + " | ".join(KEYS) + " | APf - APr |",
         "|---|---|" + "---|" * len(KEYS) + "---|",
     ]
-    for name, config, out, r in rows:
+    for (name, config, out, r), spec in zip(rows, runs):
+        extra = " " + " ".join(spec[3]) if len(spec) > 3 else ""
         for task in ("bbox", "segm"):
             m = r["results"][task]
             vals = " | ".join(f"{m[k]:.1f}" for k in KEYS)
-            lines.append(f"| {name} (`{os.path.basename(config)}`) | {task} | {vals} | "
+            lines.append(f"| {name} (`{os.path.basename(config)}`{extra}) | {task} | {vals} | "
                          f"{m['APf'] - m['APr']:.1f} |")
     section = "\n".join(lines)
     print(section)

@@ -266,7 +266,10 @@ def select_others(
     pos = group_labels[:, 1:] > 0  # [R, G]
     num_pos = torch.zeros(num_chunks, H - 1, dtype=torch.int64, device=device)
     num_pos.index_add_(0, chunk, pos.long())
-    rows_per_chunk = torch.bincount(chunk, minlength=num_chunks)  # [K]
+    # index_add instead of bincount: no host read of the max (a sync on GPUs)
+    rows_per_chunk = torch.zeros(num_chunks, dtype=torch.int64, device=device).index_add_(
+        0, chunk, torch.ones_like(chunk)
+    )  # [K]
     k = torch.floor(num_pos.double() * ratio).long()  # [K, G]
 
     key_device = generator.device if generator is not None else device

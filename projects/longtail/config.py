@@ -42,6 +42,59 @@ def add_longtail_config(cfg: CN) -> CN:
     _C.MODEL.LONGTAIL.TRAINABLE_PREFIXES = []
     # Period (iterations) of logging the r/c/f group means of LOCE's mean scores (costs a sync).
     _C.MODEL.LONGTAIL.LOG_PERIOD = 20
+    # Classifier layer of the box predictor: "linear" (detectron2's) or "cosine" (RIO's scaled
+    # cosine classifier with a learnable per-class norm, longtail.layers.CosineClassifier).
+    _C.MODEL.LONGTAIL.CLS_LAYER = "linear"
+    # Scale s of the cosine classifier (RIO's TEMP_S).
+    _C.MODEL.LONGTAIL.COSINE_SCALE = 48.0
+    # Added to the feature norm of the cosine classifier (RIO: 1e-5).
+    _C.MODEL.LONGTAIL.COSINE_EPS = 1e-5
+
+    # Object memory (longtail.memory; wired in by LongTailROIHeads). One memory per VGPU chunk
+    # of a process batch (MODEL.LONGTAIL.IMS_PER_VGPU), per process, never synchronised.
+    _C.MODEL.MEMORY = CN()
+    # "" (off), "rio" (RIO's episodic replay of box-head features of cached classes) or "mfs"
+    # (LOCE's memory-augmented feature sampling of jittered-gt RoIAlign features; needs EBL).
+    _C.MODEL.MEMORY.POLICY = ""
+    # Entries per class and bank (RIO MAX_CACHE 60, LOCE queue size 80).
+    _C.MODEL.MEMORY.CAPACITY = 60
+    # Storage dtype of the features: "float32", "float16", "bfloat16" or "int8" (per-row
+    # symmetric quantisation with a float32 scale; a quarter of float32's memory).
+    _C.MODEL.MEMORY.DTYPE = "float32"
+    # Storage device: "" = the model's device; "cpu" keeps the memory in host RAM (official LOCE;
+    # costs a device-to-host copy per push and a host-to-device copy per sample on GPUs).
+    _C.MODEL.MEMORY.DEVICE = ""
+    # Save each process's memory in its per-process state file beside every checkpoint
+    # (OUTPUT_DIR/<checkpoint>.rank<R>.pth, which always holds the random generator states; the
+    # previous one is removed) so a resumed run continues with the same memory. Costs the
+    # memory's size on disk per process (logged at build time). False: a resumed run restarts
+    # with an empty memory (the official behaviour).
+    _C.MODEL.MEMORY.CHECKPOINT = True
+    # RIO replay (MODEL.MEMORY.POLICY "rio").
+    _C.MODEL.MEMORY.RIO = CN()
+    # Newest entries replayed per present cached class and step (RIO MIN_CACHE); 0: no replay.
+    _C.MODEL.MEMORY.RIO.REPLAY_PER_CLASS = 20
+    # Replay a uniform subset of the stored entries instead of the newest (RIO RANDOM_SELECT).
+    _C.MODEL.MEMORY.RIO.RANDOM_SELECT = False
+    # Cached classes: those with at most this many training images (RIO: 30; metadata
+    # class_image_count of DATASETS.TRAIN).
+    _C.MODEL.MEMORY.RIO.CACHE_MAX_IMAGE_COUNT = 30
+    # Explicit cached class indices (0-based); non-empty overrides CACHE_MAX_IMAGE_COUNT.
+    _C.MODEL.MEMORY.RIO.CACHED_CLASSES = []
+    # LOCE memory-augmented feature sampling (MODEL.MEMORY.POLICY "mfs").
+    _C.MODEL.MEMORY.MFS = CN()
+    # Jitter magnitude of the 16 boxes made from each gt box, as a fraction of its width/height.
+    _C.MODEL.MEMORY.MFS.JITTER_RATIO = 1.0 / 6.0
+    # Classes drawn per bank and step, with replacement, with probability ~ 1 / (m_c + eps).
+    _C.MODEL.MEMORY.MFS.SAMPLED_NUM_CLASSES = 8
+    # Entries drawn per drawn class, uniformly with replacement.
+    _C.MODEL.MEMORY.MFS.SAMPLED_NUM_FEATURES = 4
+    # eps of the class-sampling weights 1 / (m_c + eps).
+    _C.MODEL.MEMORY.MFS.SCORE_EPS = 1e-7
+    # Initialisation pass at the start of a run (iteration 0, not on resume): forward only over
+    # this many class-balanced training images per class and bank (LOCE: 5), filling the memory
+    # and warming the mean scores. 0: no pass.
+    _C.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS = 5
 
     # LOCE Equilibrium Loss (used when MODEL.LONGTAIL.CLS_LOSS == "ebl").
     _C.MODEL.LOCE = CN()
@@ -66,7 +119,38 @@ def add_longtail_config(cfg: CN) -> CN:
     # L2 norm of all gradients together at CLIP_VALUE (MMDetection's grad_clip; BAGS uses 35).
 
     _C.LONGTAIL = CN()
+    # A training image that cannot be read (missing, corrupt): False fails with its path; True
+    # leaves it out of its batch and logs a warning.
+    _C.LONGTAIL.SKIP_BAD_IMAGES = False
     # Number of torch intra-op threads per process; 0 leaves torch's default. On CPU, running N
     # processes on C cores wants C // N threads each (train_net.py sets this when 0 and no GPU).
     _C.LONGTAIL.NUM_THREADS = 0
+
+    # --- Evaluation (issue 6) -----------------------------------------------------------------
+    # LVIS evaluation (longtail.evaluation.LongTailLVISEvaluator), see README "Evaluation and
+    # analysis".
+    _C.LONGTAIL.EVAL = CN()
+    # Library that computes LVIS AP: "auto" (the fastest installed one that reproduces the
+    # official numbers: hotcoco, then faster_coco_eval, then lvis), "lvis" (the official
+    # package), "faster_coco_eval" or "hotcoco".
+    _C.LONGTAIL.EVAL.BACKEND = "auto"
+    # Per-image cap of the standard LVIS AP (the official value is 300).
+    _C.LONGTAIL.EVAL.MAX_DETS_PER_IMAGE = 300
+    # Also report AP_fixed (Dave et al. 2021): top MAX_DETS_PER_CLASS detections per class over the
+    # whole dataset, no per-image cap; keys AP_fixed, APr_fixed, APc_fixed, APf_fixed. Meaningful
+    # with LONGTAIL.TEST_TOPK_PER_CLASS > 0 (otherwise the model's per-image cap limits it).
+    _C.LONGTAIL.EVAL.FIXED_AP = False
+    # Also report AP_pool (Dave et al. 2021; same detections as AP_fixed, precision/recall pooled
+    # over the classes of all / r / c / f): keys AP_pool, APr_pool, APc_pool, APf_pool.
+    _C.LONGTAIL.EVAL.POOLED_AP = False
+    # Detections per class kept by AP_fixed and AP_pool (10,000 for LVIS).
+    _C.LONGTAIL.EVAL.MAX_DETS_PER_CLASS = 10000
+    # Write per_category_{bbox,segm}.{json,csv} and summary_by_frequency.{json,csv} to the
+    # evaluator's output directory (OUTPUT_DIR/inference/<dataset>/).
+    _C.LONGTAIL.EVAL.PER_CATEGORY = True
+    # Top-k-per-class inference (longtail.inference): > 0 replaces the box predictor's inference
+    # by class-wise NMS keeping, per image and class, the k best detections above
+    # MODEL.ROI_HEADS.SCORE_THRESH_TEST, with no per-image cap (TEST.DETECTIONS_PER_IMAGE is
+    # ignored). For AP_fixed / AP_pool; 0: detectron2's inference.
+    _C.LONGTAIL.TEST_TOPK_PER_CLASS = 0
     return _C

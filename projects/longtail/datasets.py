@@ -32,6 +32,9 @@ from . import synthetic
 
 __all__ = [
     "SYNTHETIC_DATASETS",
+    "validate_lvis_json",
+    "clean_records",
+    "load_checked",
     "register_synthetic",
     "prepare_datasets",
     "class_stats_from_json",
@@ -59,9 +62,70 @@ def _datasets_root() -> str:
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
+@lru_cache(maxsize=16)
+def validate_lvis_json(json_file: str) -> int:
+    """
+    Check that every annotation's ``category_id`` is among the json's ``categories`` and that the
+    category ids are contiguous ``1..C`` (the LVIS convention the label mapping relies on).
+    Raises ValueError naming the file and the offending ids; returns C.
+    """
+    with open(json_file) as f:
+        data = json.load(f)
+    return _check_category_ids(data, json_file)
+
+
+def _check_category_ids(data: Dict, json_file: str) -> int:
+    ids = sorted(c["id"] for c in data.get("categories", []))
+    known = set(ids)
+    used = {a["category_id"] for a in data.get("annotations", [])}
+    missing = sorted(used - known)
+    if missing:
+        raise ValueError(
+            f"{json_file}: annotations use category ids {missing[:20]}"
+            + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else "")
+            + f" that are not in its 'categories' ({len(ids)} categories). Fix the json, or drop "
+            "those annotations."
+        )
+    if ids != list(range(1, len(ids) + 1)):
+        gaps = sorted(set(range(1, (ids[-1] if ids else 0) + 1)) - known)[:20]
+        raise ValueError(
+            f"{json_file}: category ids must be contiguous 1..C (LVIS convention); ids "
+            f"{gaps} are missing from its 'categories'."
+        )
+    return len(ids)
+
+
+def clean_records(records, dataset_name: str):
+    """
+    Drop annotations with a degenerate box (width or height <= 0) and log how many; detectron2
+    would otherwise carry them to the mapper, which silently removes the empty boxes later.
+    """
+    dropped = 0
+    for record in records:
+        anns = record.get("annotations", [])
+        keep = [a for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        dropped += len(anns) - len(keep)
+        if len(keep) != len(anns):
+            record["annotations"] = keep
+    if dropped:
+        logger.warning(
+            "Dataset %s: dropped %d annotation(s) with a degenerate box (width or height <= 0).",
+            dataset_name, dropped,
+        )
+    return records
+
+
+def load_checked(json_file: str, image_root: str, dataset_name: str):
+    """``load_lvis_json`` after :func:`validate_lvis_json`, then :func:`clean_records`."""
+    validate_lvis_json(json_file)
+    # detectron2 attaches its built-in LVIS metadata when given an LVIS dataset name
+    lvis_name = dataset_name if dataset_name.startswith("lvis_") else None
+    return clean_records(load_lvis_json(json_file, image_root, lvis_name), dataset_name)
+
+
 def _load_synthetic(name: str, split: str, root: str, gen_cfg: synthetic.SyntheticConfig):
     paths = synthetic.ensure_dataset(root, gen_cfg)
-    return load_lvis_json(paths[f"{split}_json"], paths["image_root"])
+    return load_checked(paths[f"{split}_json"], paths["image_root"], f"{name}_{split}")
 
 
 def register_synthetic(name: str, gen_cfg: synthetic.SyntheticConfig, root: str) -> None:
@@ -87,11 +151,19 @@ def _register_all_synthetic() -> None:
 
 
 def _link_lvis_stats_sources() -> None:
-    # Val and test splits of LVIS take their class statistics from the train split.
+    # Val and test splits of LVIS take their class statistics from the train split, and every
+    # LVIS dataset is loaded through the same checks as the synthetic one (load_checked).
     for name in list(DatasetCatalog.list()):
         for version in ("lvis_v1", "lvis_v0.5"):
             if name.startswith(version + "_"):
-                MetadataCatalog.get(name).set(class_stats_source=version + "_train")
+                meta = MetadataCatalog.get(name)
+                meta.set(class_stats_source=version + "_train")
+                json_file, image_root = meta.get("json_file", None), meta.get("image_root", None)
+                if json_file and image_root:
+                    DatasetCatalog.remove(name)
+                    DatasetCatalog.register(
+                        name, lambda j=json_file, r=image_root, n=name: load_checked(j, r, n)
+                    )
 
 
 @lru_cache(maxsize=8)
@@ -103,13 +175,8 @@ def class_stats_from_json(json_file: str) -> Dict:
     """
     with open(json_file) as f:
         data = json.load(f)
+    _check_category_ids(data, json_file)
     cats = sorted(data["categories"], key=lambda c: c["id"])
-    ids = [c["id"] for c in cats]
-    if ids != list(range(1, len(ids) + 1)):
-        raise ValueError(
-            f"{json_file}: category ids must be contiguous 1..C (LVIS convention); got "
-            f"{len(ids)} categories with ids from {min(ids)} to {max(ids)}."
-        )
     num_classes = len(cats)
     image_sets = [set() for _ in range(num_classes)]
     instance_count = [0] * num_classes

@@ -10,29 +10,42 @@ Differences from ``DefaultTrainer``:
   (``DATALOADER.SAMPLER_TRAIN``);
 * ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` clips the norm of all gradients together
   (MMDetection's ``grad_clip``, used by BAGS), see :mod:`longtail.solver`;
-* datasets with ``evaluator_type == "lvis"`` are evaluated with the LVIS evaluator;
+* datasets with ``evaluator_type == "lvis"`` are evaluated with
+  :class:`longtail.evaluation.LongTailLVISEvaluator` (``LONGTAIL.EVAL``), and
+  ``LONGTAIL.TEST_TOPK_PER_CLASS`` switches the box predictor to top-k-per-class inference
+  (:mod:`longtail.inference`);
+* checkpoints also carry every process's object memory (:mod:`longtail.checkpoint`), and runs
+  with LOCE's memory start with its initialisation pass (:class:`longtail.hooks.MemoryInitHook`);
 * on CPU, DistributedDataParallel is created without ``device_ids`` (detectron2's
   ``create_ddp_model`` passes the local rank as a CUDA device id, which is wrong for CPU modules).
 """
 import logging
 import os
+import time
 import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
+import torch
+from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.data.build import get_detection_dataset_dicts
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import hooks as d2_hooks
 from detectron2.engine.defaults import create_ddp_model
-from detectron2.evaluation import DatasetEvaluators, LVISEvaluator
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .checkpoint import LongTailCheckpointer
+from .data import ResumableBatchStream, build_resumable_loader
+from .state import install_nonfinite_guard
 from .datasets import prepare_datasets
+from .evaluation import build_lvis_evaluator
+from .inference import enable_topk_per_class
+from .hooks import MemoryInitHook
 from .freeze import freeze_except
 from .samplers import build_train_sampler
 from .solver import build_optimizer
 
-__all__ = ["Trainer", "wrap_ddp"]
+__all__ = ["Trainer", "wrap_ddp", "AutocastTrainer", "build_step_trainer"]
 
 
 def wrap_ddp(model, device: str):
@@ -42,6 +55,42 @@ def wrap_ddp(model, device: str):
     if str(device).startswith("cuda"):
         return create_ddp_model(model, broadcast_buffers=False)
     return create_ddp_model(model, broadcast_buffers=False, device_ids=None)
+
+
+class AutocastTrainer(SimpleTrainer):
+    """
+    detectron2's ``SimpleTrainer`` step with the forward pass under ``torch.autocast`` for a
+    device without a gradient scaler: bfloat16 on CPU (``SOLVER.AMP.ENABLED`` on CPU; detectron2
+    v0.6's ``AMPTrainer`` requires CUDA). bfloat16 has float32's range, so no loss scaling.
+    """
+
+    def __init__(self, model, data_loader, optimizer, device_type="cpu", dtype=torch.bfloat16):
+        super().__init__(model, data_loader, optimizer)
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def run_step(self):
+        assert self.model.training, "[AutocastTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            loss_dict = self.model(data)
+            losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        losses.backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
+def build_step_trainer(cfg, model, data_loader, optimizer):
+    """SimpleTrainer; with ``SOLVER.AMP.ENABLED``, AMPTrainer (fp16 + GradScaler) on CUDA or
+    :class:`AutocastTrainer` (bfloat16) on CPU."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return SimpleTrainer(model, data_loader, optimizer)
+    if str(cfg.MODEL.DEVICE).startswith("cuda"):
+        return AMPTrainer(model, data_loader, optimizer)
+    return AutocastTrainer(model, data_loader, optimizer, "cpu", torch.bfloat16)
 
 
 class Trainer(DefaultTrainer):
@@ -56,20 +105,82 @@ class Trainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
+        install_nonfinite_guard(model)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = wrap_ddp(model, cfg.MODEL.DEVICE)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        self.checkpointer = LongTailCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            save_memories=cfg.MODEL.MEMORY.CHECKPOINT,
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        """
+        detectron2's hooks, with the MFS initialisation pass first (when configured), and a
+        checkpointer on every process, not only the main one, when the model holds per-process
+        state (the other processes then write only their ``.rank<R>.pth`` files).
+        """
+        ret = super().build_hooks()
+        cfg = self.cfg
+        if cfg.MODEL.MEMORY.POLICY == "mfs" and cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS > 0:
+            ret.insert(0, MemoryInitHook(cfg))
+        if not comm.is_main_process():
+            period = cfg.SOLVER.CHECKPOINT_PERIOD
+            ret.append(d2_hooks.PeriodicCheckpointer(self.checkpointer, period))
+        return ret
+
+    def resume_or_load(self, resume=True):
+        """
+        detectron2's, then the training stream continues at the resumed iteration: batch
+        ``start_iter`` of the (seeded) stream, not batch 0 (:mod:`longtail.data`).
+        """
+        super().resume_or_load(resume=resume)
+        stream = getattr(self._trainer.data_loader, "dataset", None)
+        if isinstance(stream, ResumableBatchStream) and stream.start_batch != self.start_iter:
+            stream.skip_to(self.start_iter)
+            if hasattr(self._trainer, "_data_loader_iter_obj"):  # detectron2 main: lazy
+                self._trainer._data_loader_iter_obj = None
+            else:  # v0.6 created the iterator in SimpleTrainer.__init__
+                self._trainer._data_loader_iter = iter(self._trainer.data_loader)
+            logging.getLogger(__name__).info(
+                "Training stream resumed at batch %d (seed %d)", self.start_iter, stream.seed
+            )
+
+    def state_dict(self):
+        ret = super().state_dict()
+        # detectron2 v0.6's DefaultTrainer leaves the optimizer (momentum) out of checkpoints;
+        # upstream saves it as "_trainer"
+        if "_trainer" not in ret:
+            ret["_trainer"] = self._trainer.state_dict()
+        stream = getattr(self._trainer.data_loader, "dataset", None)
+        if isinstance(stream, ResumableBatchStream):
+            ret["longtail_data_seed"] = stream.seed
+        return ret
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        seed = state_dict.pop("longtail_data_seed", None)
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict and "state_dict" not in DefaultTrainer.__dict__:  # v0.6
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        # The scheduler's state is restored, but the optimizer still holds the learning rate of
+        # iteration 0 until the scheduler's next step: set the resumed iteration's rate now.
+        if hasattr(self.scheduler, "get_lr"):
+            for group, lr in zip(self._trainer.optimizer.param_groups, self.scheduler.get_lr()):
+                group["lr"] = lr
+        stream = getattr(self._trainer.data_loader, "dataset", None)
+        if seed is not None and isinstance(stream, ResumableBatchStream) and seed != stream.seed:
+            # SEED < 0 drew a new seed for this run: continue the interrupted run's stream
+            cfg = self.cfg.clone()
+            cfg.defrost()
+            cfg.SEED = int(seed)
+            self._trainer.data_loader = self.build_train_loader(cfg)
 
     @classmethod
     def build_model(cls, cfg):
@@ -79,6 +190,7 @@ class Trainer(DefaultTrainer):
         )
         model = super().build_model(cfg)
         freeze_except(model, cfg.MODEL.LONGTAIL.TRAINABLE_PREFIXES)
+        enable_topk_per_class(model, cfg.LONGTAIL.TEST_TOPK_PER_CLASS)  # issue 6 (0: off)
         return model
 
     @classmethod
@@ -88,12 +200,24 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """
+        The project sampler (``DATALOADER.SAMPLER_TRAIN``) feeding a resumable, deterministic
+        batch stream (:mod:`longtail.data`). ``SEED < 0`` draws one seed shared by all processes
+        (saved in checkpoints, so a resumed run continues the same stream).
+        """
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
+        if cfg.SEED < 0:
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SEED = comm.shared_random_seed()
         sampler = build_train_sampler(cfg, dataset)
-        return build_detection_train_loader(
-            cfg, mapper=DatasetMapper(cfg, True), dataset=dataset, sampler=sampler
+        return build_resumable_loader(
+            dataset, DatasetMapper(cfg, True), sampler, cfg.SOLVER.IMS_PER_BATCH, cfg.SEED,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            skip_bad_images=cfg.LONGTAIL.SKIP_BAD_IMAGES,
         )
 
     @classmethod
@@ -102,7 +226,7 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         if evaluator_type == "lvis":
-            return DatasetEvaluators([LVISEvaluator(dataset_name, output_dir=output_folder)])
+            return DatasetEvaluators([build_lvis_evaluator(cfg, dataset_name, output_folder)])
         raise ValueError(
             f"Dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; the long-tail "
             "project evaluates LVIS-type datasets only (evaluator_type 'lvis')."

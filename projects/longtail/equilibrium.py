@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 __all__ = [
     "equilibrium_loss",
+    "chunk_mean",
     "score_entry_stats",
     "instance_score_entries",
     "memory_score_entries",
@@ -43,6 +44,7 @@ def equilibrium_loss(
     mean_scores: torch.Tensor,
     chunk_index: Optional[torch.Tensor] = None,
     num_chunks: int = 1,
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """
     Equilibrium loss: softmax cross-entropy on the logits shifted by ``log m``.
@@ -66,6 +68,8 @@ def equilibrium_loss(
         num_chunks (int): number of chunks (static). Every chunk's loss is normalised by its own
             row count (``max(count, 1)``); the result is the mean over the ``num_chunks`` chunks,
             an empty chunk contributing 0 (as an official GPU with no rows would).
+        weights (Tensor or None): [R] 0/1 row weights; rows of weight 0 (e.g. MFS draws of an
+            empty memory) are left out of the loss and of the normalisers. ``None``: all 1.
 
     Returns:
         Tensor: float32 scalar.
@@ -75,12 +79,37 @@ def equilibrium_loss(
     shifted = logits.float() + log_m  # [R, C+1]
     # F.cross_entropy is log_softmax + nll_loss: the stable form of -log(P~).
     per_row = F.cross_entropy(shifted, labels, reduction="none")  # [R]
+    return chunk_mean(per_row, chunk_index, num_chunks, weights)
 
+
+def chunk_mean(
+    per_row: torch.Tensor,
+    chunk_index: Optional[torch.Tensor] = None,
+    num_chunks: int = 1,
+    weights: Optional[torch.Tensor] = None,
+    normalizer_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """
+    Per-chunk normalised sum, averaged over chunks:
+    ``mean_k( sum_{r in k} w_r l_r / max(sum_{r in k} n_r, 1) )``.
+
+    Args:
+        per_row (Tensor): [R] per-row losses.
+        chunk_index (Tensor or None): [R] chunk of every row; ``None``: one chunk.
+        num_chunks (int): number of chunks (static; ignored when ``chunk_index`` is None).
+        weights (Tensor or None): [R] row weights ``w`` (``None``: 1). Rows of weight 0 contribute
+            exactly 0 (also when their loss is not finite).
+        normalizer_weights (Tensor or None): [R] ``n``, the rows counted in the normaliser
+            (``None``: the same as ``weights``). Box regression sums over foreground rows but
+            normalises by all rows.
+    """
+    weights = torch.ones_like(per_row) if weights is None else weights.to(per_row)
+    norm = weights if normalizer_weights is None else normalizer_weights.to(per_row)
+    contrib = torch.where(weights > 0, per_row * weights, torch.zeros_like(per_row))
     if chunk_index is None:
-        return per_row.sum() / max(per_row.shape[0], 1)
-
-    sums = per_row.new_zeros(num_chunks).index_add(0, chunk_index, per_row)
-    rows = per_row.new_zeros(num_chunks).index_add(0, chunk_index, torch.ones_like(per_row))
+        return contrib.sum() / norm.sum().clamp(min=1.0)
+    sums = per_row.new_zeros(num_chunks).index_add(0, chunk_index, contrib)
+    rows = per_row.new_zeros(num_chunks).index_add(0, chunk_index, norm)
     return (sums / rows.clamp(min=1.0)).mean()
 
 
@@ -165,6 +194,7 @@ def memory_score_entries(
     labels: torch.Tensor,
     chunk_index: Optional[torch.Tensor] = None,
     num_chunks: int = 1,
+    valid: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Mean-score entries of MFS memory rows: one entry per distinct (chunk, class).
@@ -177,6 +207,7 @@ def memory_score_entries(
         labels (Tensor): [M] int64 foreground class of every memory row (``0..C-1``).
         chunk_index (Tensor or None): [M] int64 VGPU chunk of every row; ``None`` = one chunk.
         num_chunks (int): number of chunks (static).
+        valid (Tensor or None): [M] bool, rows to use (``None``: all).
 
     Returns:
         (Tensor, Tensor): per-class entry-value sums [C+1] and entry counts [C+1] (float32).
@@ -188,6 +219,8 @@ def memory_score_entries(
     else:
         keys = chunk_index.to(device=probs.device, dtype=torch.long) * num_cls + labels
         num_keys = num_chunks * num_cls
+    if valid is not None:
+        keys = torch.where(valid.to(probs.device), keys, torch.full_like(keys, -1))
     return score_entry_stats(probs, labels, keys, num_keys)
 
 
@@ -320,8 +353,23 @@ class MeanScoreTracker(nn.Module):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         total_sums, total_counts = stats.split(self.num_classes + 1)
+        # a class whose statistics are not finite (a broken batch on some process) is left as it
+        # was; the step then fails its loss check and is rolled back (longtail.state)
+        finite = torch.isfinite(total_sums) & torch.isfinite(total_counts)
+        total_counts = torch.where(finite, total_counts, torch.zeros_like(total_counts))
+        total_sums = torch.where(finite, total_sums, torch.zeros_like(total_sums))
         buf.copy_(update_mean_scores(buf, total_sums, total_counts, self.alpha, self.bg_score))
         return buf
+
+    def begin_step(self) -> None:
+        """Remember ``m`` so that :meth:`rollback` can undo this step's update."""
+        self._undo = self.mean_scores.detach().clone()
+
+    def rollback(self) -> None:
+        """Restore ``m`` as it was at :meth:`begin_step` (a step whose loss was not finite)."""
+        undo = getattr(self, "_undo", None)
+        if undo is not None:
+            self.mean_scores.copy_(undo)
 
     def _build_groups(self, frequency: Sequence[str]) -> None:
         key = tuple(frequency)

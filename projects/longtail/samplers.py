@@ -19,6 +19,8 @@ from detectron2.utils.registry import Registry
 __all__ = [
     "SAMPLER_REGISTRY",
     "build_train_sampler",
+    "class_balanced_lists",
+    "ClassBalancedStream",
     "category_repeat_factors",
     "image_repeat_factors",
     "repeat_factors_from_dataset",
@@ -141,6 +143,108 @@ def RepeatFactorTrainingSampler(cfg, dataset_dicts):
         float(factors.sum()),
     )
     return d2_samplers.RepeatFactorTrainingSampler(factors.float(), seed=_seed(cfg))
+
+
+def class_balanced_lists(
+    dataset_dicts: Sequence[Dict], images_per_class: int, num_vgpus: int
+) -> List[List[int]]:
+    """
+    LOCE's class-balanced image lists (``DistributedBalancedSampler``; spec loce.md section 6).
+
+    For every category (ascending contiguous id) the images containing it are listed in dataset
+    order, the list is tiled by repetition to length ``images_per_class * num_vgpus``, and VGPU
+    ``r`` takes its elements ``r, r + W, r + 2W, ...``: ``images_per_class`` images of that
+    category. A VGPU's list is the concatenation over categories (no shuffle). Images without
+    annotations are never listed (spec fix of LOCE's empty-image key); categories without
+    images are skipped.
+
+    Returns:
+        list of ``num_vgpus`` equally long lists of indices into ``dataset_dicts``.
+    """
+    if images_per_class < 1 or num_vgpus < 1:
+        raise ValueError(
+            f"images per class ({images_per_class}) and VGPUs ({num_vgpus}) must be >= 1"
+        )
+    image_index, category_index = _image_category_pairs(dataset_dicts)
+    if category_index.numel() == 0:
+        raise ValueError("class-balanced sampling needs annotated training images")
+    # (category, image) pairs in category order, then dataset order
+    order = torch.argsort(category_index * (len(dataset_dicts) + 1) + image_index)
+    cats, imgs = category_index[order], image_index[order]
+    num_cats = int(cats.max()) + 1
+    counts = torch.zeros(num_cats, dtype=torch.long).index_add_(0, cats, torch.ones_like(cats))
+    starts = counts.cumsum(0) - counts
+    present = torch.nonzero(counts > 0).flatten()
+    length = images_per_class * num_vgpus
+    # position j of the tiled list of category c is image imgs[starts[c] + j % counts[c]]
+    j = torch.arange(length)
+    tiled = imgs[starts[present][:, None] + j[None, :] % counts[present][:, None]]  # [C', W*k]
+    per_vgpu = tiled.view(len(present), images_per_class, num_vgpus)  # element (c, i, r)
+    return [per_vgpu[:, :, r].reshape(-1).tolist() for r in range(num_vgpus)]
+
+
+class ClassBalancedStream(torch.utils.data.Sampler):
+    """
+    Index stream of one process built from per-VGPU lists: for each step, the next
+    ``ims_per_vgpu`` indices of each of the process's VGPUs, in VGPU order (so image ``i`` of a
+    process batch belongs to VGPU ``i // ims_per_vgpu``, the chunking the predictor uses). A list
+    whose length is not a multiple of ``ims_per_vgpu`` is padded with its own first elements.
+    ``repeat=True`` cycles for ever (a training sampler), else one pass.
+    """
+
+    def __init__(self, vgpu_lists: Sequence[Sequence[int]], ims_per_vgpu: int, repeat: bool):
+        self.lists = [list(x) for x in vgpu_lists]
+        self.ims_per_vgpu = ims_per_vgpu
+        self.repeat = repeat
+        n = len(self.lists[0])
+        self.steps = (n + ims_per_vgpu - 1) // ims_per_vgpu
+        padded = self.steps * ims_per_vgpu
+        self.lists = [(x * (padded // max(len(x), 1) + 1))[:padded] for x in self.lists]
+
+    def __len__(self) -> int:
+        return self.steps * self.ims_per_vgpu * len(self.lists)
+
+    def _one_pass(self):
+        k = self.ims_per_vgpu
+        for s in range(self.steps):
+            for lst in self.lists:
+                yield from lst[s * k: (s + 1) * k]
+
+    def __iter__(self):
+        while True:
+            yield from self._one_pass()
+            if not self.repeat:
+                return
+
+
+def process_vgpus(cfg):
+    """(VGPUs of this process, images per VGPU, all VGPUs) from the batch layout."""
+    from detectron2.utils import comm
+
+    world, rank = comm.get_world_size(), comm.get_rank()
+    ims = cfg.SOLVER.IMS_PER_BATCH // world
+    per = cfg.MODEL.LONGTAIL.IMS_PER_VGPU
+    per = per if 0 < per < ims else ims
+    banks = (ims + per - 1) // per
+    return list(range(rank * banks, (rank + 1) * banks)), per, world * banks
+
+
+def class_balanced_stream(cfg, dataset_dicts, images_per_class: int, repeat: bool):
+    """This process's :class:`ClassBalancedStream` for the config's batch layout."""
+    mine, per, total = process_vgpus(cfg)
+    lists = class_balanced_lists(dataset_dicts, images_per_class, total)
+    return ClassBalancedStream([lists[r] for r in mine], per, repeat)
+
+
+@SAMPLER_REGISTRY.register()
+def ClassBalancedSampler(cfg, dataset_dicts):
+    """
+    Class-balanced sampling (LOCE's initialisation pass, repeated): every category contributes
+    ``MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS`` images per VGPU and cycle, categories in order.
+    """
+    return class_balanced_stream(
+        cfg, dataset_dicts, cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS, repeat=True
+    )
 
 
 def registered_samplers() -> List[str]:

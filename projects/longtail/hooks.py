@@ -1,0 +1,91 @@
+"""Training hooks of the ``longtail`` project.
+
+:class:`MemoryInitHook` is LOCE's initialisation pass (spec ``loce.md`` section 6, the official
+``InitializerHook``): before the first iteration of a run that starts at iteration 0, the model
+runs forward only, in training mode and without gradients, over class-balanced training images
+(``MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS`` per class and VGPU, :func:`class_balanced_stream`),
+so the MFS memory holds features of every class that has training images and the mean scores are
+warmed from the loaded model. No optimizer or scheduler step, no parameter change. A resumed run
+skips it: its memory and mean scores come from the checkpoint (:mod:`longtail.checkpoint`).
+"""
+import logging
+import time
+
+import torch
+from detectron2.data import DatasetFromList, DatasetMapper, MapDataset
+from detectron2.data.build import get_detection_dataset_dicts, trivial_batch_collator
+from detectron2.engine import HookBase
+from detectron2.utils.events import EventStorage
+from torch.nn.parallel import DistributedDataParallel
+
+from .samplers import class_balanced_stream
+
+__all__ = ["MemoryInitHook", "build_memory_init_loader", "run_memory_init_pass"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_memory_init_loader(cfg):
+    """One pass over this process's class-balanced images, in process batches (VGPU-ordered)."""
+    dataset = get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    )
+    sampler = class_balanced_stream(
+        cfg, dataset, cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS, repeat=False
+    )
+    mapped = MapDataset(DatasetFromList(dataset, copy=False), DatasetMapper(cfg, True))
+    return torch.utils.data.DataLoader(
+        mapped,
+        batch_size=sampler.ims_per_vgpu * len(sampler.lists),
+        sampler=sampler,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        collate_fn=trivial_batch_collator,
+    )
+
+
+@torch.no_grad()
+def run_memory_init_pass(model, loader) -> int:
+    """Forward ``model`` (training mode, no gradients) over ``loader``; returns the steps run."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    heads = inner.roi_heads
+    was_training = model.training
+    model.train()
+    steps = 0
+    try:
+        with EventStorage(0):  # keep the pass's scalars out of the training metrics
+            for steps, batch in enumerate(loader, start=1):
+                heads.init_step = steps - 1
+                model(batch)
+    finally:
+        heads.init_step = -1
+        model.train(was_training)
+    return steps
+
+
+class MemoryInitHook(HookBase):
+    """Runs :func:`run_memory_init_pass` before training when the run starts at iteration 0."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg.clone()
+
+    def before_train(self):
+        if self.trainer.iter > 0 or self.trainer.start_iter > 0:
+            logger.info("MFS initialisation pass skipped: resumed run (memory from checkpoint).")
+            return
+        start = time.perf_counter()
+        loader = build_memory_init_loader(self.cfg)
+        steps = run_memory_init_pass(self.trainer.model, loader)
+        model = self.trainer.model
+        inner = model.module if isinstance(model, DistributedDataParallel) else model
+        memory = inner.roi_heads.memory
+        filled = int((memory.fill_counts() > 0).sum())
+        msg = (
+            f"MFS initialisation pass: {steps} forward steps over {len(loader.sampler)} "
+            f"class-balanced images in {time.perf_counter() - start:.1f} s; "
+            f"{filled} of {memory.fill_counts().numel()} (bank, class) queues hold features"
+        )
+        tracker = getattr(inner.roi_heads.box_predictor, "mean_score", None)
+        if tracker is not None and inner.roi_heads.box_predictor.class_frequency is not None:
+            means = tracker.group_means(inner.roi_heads.box_predictor.class_frequency)
+            msg += "; mean scores " + ", ".join(f"{k} {float(v):.4f}" for k, v in means.items())
+        logger.info(msg)
