@@ -134,8 +134,8 @@ def test_empty_masks_are_dropped_as_official_does(mini_val_json):
 def edge_case_dataset(tmp_path, seed=0):
     """A small LVIS-format val set with the federated edge cases, and predictions for it.
 
-    Categories 1-12 (4 r, 4 c, 4 f); category 12 has neither ground truth nor detections and
-    category 11 has detections but no ground truth anywhere. Image 1 has only negative
+    Categories 1-12 (4 r, 4 c, 4 f); category 2 has ground truth but no detection, category 11
+    has detections but no ground truth anywhere, category 12 has neither. Image 1 has only negative
     categories (no annotation); images 2-3 mark categories as not exhaustive; image 4 is
     crowded (80 objects, over 300 detections, so the per-image cap binds) and has one ``iscrowd``
     annotation (the official package ignores the flag); scores have ties."""
@@ -192,6 +192,7 @@ def edge_case_dataset(tmp_path, seed=0):
             images[-1]["not_exhaustive_category_ids"] = sorted(present)[:1]
         for _ in range(10):
             add_det(img, int(rng.integers(1, 12)), rand_box(), rng.random())
+    results = [r for r in results if r["category_id"] != 2]  # ground truth, no detection
     data = {"images": images, "annotations": anns, "categories": cats}
     path = tmp_path / "edge_val.json"
     path.write_text(json.dumps(data))
@@ -218,8 +219,9 @@ def test_backends_match_official_on_edge_cases(tmp_path, iou_type):
             want = s[s > -1].mean() if (s > -1).any() else np.nan
             got = res.per_category()[k]
             assert (np.isnan(want) and np.isnan(got)) or abs(want - got) <= TOL, (backend, k)
-        # categories 11 (detections, no gt) and 12 (nothing) have no AP
+        # categories 11 (detections, no gt) and 12 (nothing) have no AP; 2 (no detection) has 0
         assert np.isnan(res.per_category()[10]) and np.isnan(res.per_category()[11])
+        assert res.per_category()[1] == 0.0
 
 
 def test_fixed_ap_without_per_image_cap_sees_more_detections(tmp_path):

@@ -204,7 +204,8 @@ def main():
                      f"{t_ref / t_b:.1f}x | {diff:.1e} | {'yes' if diff <= TOL else 'no'} |")
     lines += ["", f"`LONGTAIL.EVAL.BACKEND auto` resolves to `{auto}` here. 1-minute load average "
               f"of the machine when the timed runs started: {min(loads):.1f} to {max(loads):.1f} "
-              f"({os.cpu_count()} cores; above 1, other jobs shared the cores)."]
+              f"({os.cpu_count()} cores; the benchmark itself accounts for about 1, the rest are other "
+              "jobs that shared the cores)."]
     section = "\n".join(lines)
     print(section)
     if not args.no_write:

@@ -54,8 +54,6 @@ SUITES = {
          "output/synthetic/loce_stage2_ebl_mfs_fp32", ["MODEL.MEMORY.DTYPE", "float32"]),
         ("LOCE stage 2: EBL + MFS, int8 memory", "configs/Synthetic/loce_stage2_ebl_mfs.yaml",
          "output/synthetic/loce_stage2_ebl_mfs_int8", ["MODEL.MEMORY.DTYPE", "int8"]),
-        ("RIO replay + EBL (combination)", "configs/Synthetic/rio_ebl_R18_FPN.yaml",
-         "output/synthetic/rio_ebl"),
     ]),
     "bags": ("BAGS: balanced group softmax", [
         ("stage 1: uniform baseline, softmax CE", "configs/Synthetic/mask_rcnn_R18_FPN.yaml",
