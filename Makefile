@@ -14,7 +14,7 @@ DEMO_CONFIG ?= configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml
 DEMO_OUTPUT ?= output/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast benchmark-sampling benchmark-loce benchmark-bags benchmark-overhead clean
+.PHONY: setup demo test test-fast benchmark benchmark-sampling benchmark-loce benchmark-bags benchmark-memory benchmark-overhead benchmark-eval clean
 
 setup:
 	VENV=$(abspath $(VENV)) LONGTAIL_D2=$(LONGTAIL_D2) bash scripts/bootstrap.sh
@@ -38,9 +38,23 @@ benchmark-loce: setup       # LOCE stage 1 -> stage 2 (EBL)
 benchmark-bags: benchmark-sampling  # uniform baseline (= BAGS stage 1) -> BAGS stage 2
 	$(PY) tools/benchmark_runs.py bags
 
+benchmark-memory: setup    # RIO vs RFS; LOCE EBL + MFS vs EBL alone (float16 / float32 / int8)
+	$(PY) tools/benchmark_runs.py memory
+
+# The headline table: every method x 3 seeds on the embedded dataset (~2 h on 2 CPU cores;
+# resumable). BENCHMARK_SIZE=gpu for the larger setting on a GPU machine.
+BENCHMARK_SIZE ?= cpu
+benchmark: setup
+	$(PY) tools/benchmark_all.py --size $(BENCHMARK_SIZE)
+
 # Step-time overhead of EBL / BAGS over softmax CE and of the BAGS merge at LVIS v1 scale.
 benchmark-overhead: setup
 	$(PY) tools/benchmark_overhead.py
+	$(PY) tools/benchmark_memory.py
+
+# Official lvis package vs the fast evaluation backends on an LVIS-scale result set.
+benchmark-eval: setup
+	$(PY) tools/benchmark_eval.py
 
 clean:
 	rm -rf output .pytest_cache

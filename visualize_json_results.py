@@ -104,6 +104,9 @@ def main(argv=None):
                                  args.conf_threshold, keep_classes)
         if args.only_with_predictions and len(preds) == 0:
             continue
+        if keep_classes is not None and len(preds) == 0 and not any(
+                a["category_id"] in keep_classes for a in dic.get("annotations", [])):
+            continue  # nothing of the selected frequency buckets in this image
         img = cv2.imread(dic["file_name"], cv2.IMREAD_COLOR)
         if img is None:
             raise FileNotFoundError(f"cannot read image {dic['file_name']}")

@@ -1,0 +1,321 @@
+#!/usr/bin/env python
+"""
+The long-tail benchmark: every method side by side on the embedded dataset, several seeds.
+
+Trains and evaluates, for each seed, the uniform baseline, repeat-factor sampling, BAGS (stage 2
+on the baseline), LOCE (normed-mask stage 1, then EBL + MFS), RIO and RIO replay + EBL, and writes
+
+* ``docs/benchmark_results.json``: per method and seed the bbox / segm metrics, training step
+  time, peak memory, training and evaluation wall time; means and standard deviations;
+* the "Long-tail benchmark" section of ``docs/benchmarks.md`` (mean +- std over seeds; step time
+  and peak memory as ratios to the baseline of the same seed, all measured by this one command);
+* ``docs/benchmark_ap_by_frequency.png`` (APr / APc / APf per method, error bars = std) and
+  ``docs/benchmark_per_category_<best>.png`` (per-category AP against training instances,
+  baseline vs the method with the best mean APr).
+
+A run whose ``eval_results.json`` exists is reused, an interrupted one resumes (``--resume``):
+the command can be stopped and restarted at any time. Sizes (``--size``):
+
+* ``cpu`` (default): the embedded dataset (2,000 training images <= 160 px) and half of the
+  synthetic schedule (600 iterations of 8 images; stage 2s shortened alike): about 40 minutes
+  per seed on 2 CPU cores;
+* ``gpu``: ``longtail_synth_large`` (8,000 training / 1,000 validation images of 192-320 px,
+  larger objects), 16 images per iteration and a 10x longer schedule, for a GPU machine.
+
+* ``smoke``: a few iterations on the mini dataset, to check the command end to end.
+
+    python tools/benchmark_all.py [--size cpu|gpu|smoke] [--seeds 0 1 2] [--methods ...]
+                                  [--docs DIR] [--no-write]
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from tools.benchmark_runs import machine  # noqa: E402
+from tools.benchmarks_md import replace_section  # noqa: E402
+
+SECTION = "Long-tail benchmark"
+KEYS = ("AP", "APr", "APc", "APf")
+
+# method -> list of stages (config, stage kind); a stage-2 loads the previous stage's weights
+METHODS = {
+    "baseline": ("uniform sampling, softmax CE", [("configs/Synthetic/mask_rcnn_R18_FPN.yaml", "s1")]),
+    "rfs": ("repeat-factor sampling", [("configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml", "s1")]),
+    "bags": ("BAGS (stage 2 on the baseline)", [("@baseline", "s1"),
+                                                ("configs/Synthetic/bags_stage2.yaml", "bags")]),
+    "loce": ("LOCE: EBL + MFS (stage 2 on a normed-mask stage 1)", [
+        ("configs/Synthetic/loce_stage1_normed_mask.yaml", "s1"),
+        ("configs/Synthetic/loce_stage2_ebl_mfs.yaml", "loce")]),
+    "rio": ("RIO: repeat-factor + replay + cosine classifier", [
+        ("configs/Synthetic/rio_R18_FPN.yaml", "s1")]),
+    "rio_ebl": ("RIO replay + EBL (combination)", [("configs/Synthetic/rio_ebl_R18_FPN.yaml", "s1")]),
+}
+
+SIZES = {
+    "cpu": {
+        "common": [],
+        "s1": ["SOLVER.MAX_ITER", "600", "SOLVER.STEPS", "(450, 550)", "SOLVER.WARMUP_ITERS", "100",
+               "SOLVER.CHECKPOINT_PERIOD", "300"],
+        "bags": ["SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "(200, 275)", "SOLVER.WARMUP_ITERS", "25",
+                 "SOLVER.CHECKPOINT_PERIOD", "150"],
+        "loce": ["SOLVER.MAX_ITER", "150", "SOLVER.STEPS", "(75, 125)", "SOLVER.WARMUP_ITERS", "25",
+                 "SOLVER.CHECKPOINT_PERIOD", "75"],
+    },
+    # a few iterations on the mini dataset: checks the command end to end in minutes
+    "smoke": {
+        "common": ["DATASETS.TRAIN", "('longtail_synth_mini_train',)",
+                   "DATASETS.TEST", "('longtail_synth_mini_val',)", "SOLVER.IMS_PER_BATCH", "4",
+                   "DATALOADER.NUM_WORKERS", "0", "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", "1"],
+        "s1": ["SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "3"],
+        "bags": ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1"],
+        "loce": ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1"],
+    },
+    "gpu": {
+        "common": ["DATASETS.TRAIN", "('longtail_synth_large_train',)",
+                   "DATASETS.TEST", "('longtail_synth_large_val',)",
+                   "INPUT.MIN_SIZE_TRAIN", "(224, 256, 288)", "INPUT.MAX_SIZE_TRAIN", "384",
+                   "INPUT.MIN_SIZE_TEST", "256", "INPUT.MAX_SIZE_TEST", "384",
+                   "SOLVER.IMS_PER_BATCH", "16", "DATALOADER.NUM_WORKERS", "4"],
+        "s1": ["SOLVER.MAX_ITER", "6000", "SOLVER.STEPS", "(4500, 5500)", "SOLVER.WARMUP_ITERS", "500",
+               "SOLVER.CHECKPOINT_PERIOD", "2000"],
+        "bags": ["SOLVER.MAX_ITER", "3000", "SOLVER.STEPS", "(2000, 2750)", "SOLVER.WARMUP_ITERS",
+                 "100", "SOLVER.CHECKPOINT_PERIOD", "1000"],
+        "loce": ["SOLVER.MAX_ITER", "1500", "SOLVER.STEPS", "(750, 1250)", "SOLVER.WARMUP_ITERS",
+                 "100", "SOLVER.CHECKPOINT_PERIOD", "500"],
+    },
+}
+
+_STAMP = re.compile(r"\[(\d\d/\d\d \d\d:\d\d:\d\d)")
+
+
+def _stamp(line):
+    m = _STAMP.search(line)
+    return datetime.strptime(m.group(1), "%m/%d %H:%M:%S") if m else None
+
+
+def eval_seconds(log_file):
+    """Seconds from 'Start inference' to the last evaluation table of the run's final evaluation."""
+    start = end = None
+    with open(log_file) as f:
+        for line in f:
+            if "Start inference on" in line:
+                start, end = _stamp(line), None
+            elif start is not None and ("Evaluation results for" in line or "AP by frequency" in line):
+                end = _stamp(line)
+    return (end - start).total_seconds() if start and end else None
+
+
+def step_seconds(metrics_file):
+    """Median over the run of detectron2's per-iteration 'time' (20-iteration medians)."""
+    times = []
+    with open(metrics_file) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "time" in rec:
+                times.append(rec["time"])
+    return statistics.median(times) if times else None
+
+
+def train(config, out, opts, log):
+    """Train + evaluate one stage (resumable); returns its measurements."""
+    result = os.path.join(ROOT, out, "eval_results.json")
+    cost_file = os.path.join(ROOT, out, "benchmark_cost.json")
+    if os.path.exists(result) and os.path.exists(cost_file):
+        with open(cost_file) as f:
+            return json.load(f)
+    cmd = [sys.executable, "train_net.py", "--config-file", config, "--resume", *opts,
+           "OUTPUT_DIR", out]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.time()
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed; see {log}")
+    with open(result) as f:
+        metrics = json.load(f)
+    cost = {
+        "results": {t: {k: metrics[t][k] for k in ("AP", "AP50", "APr", "APc", "APf")}
+                    for t in ("bbox", "segm")},
+        "wall_seconds": time.time() - t0,
+        "step_seconds": step_seconds(os.path.join(ROOT, out, "metrics.json")),
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "eval_seconds": eval_seconds(os.path.join(ROOT, out, "log.txt")),
+    }
+    with open(cost_file, "w") as f:
+        json.dump(cost, f, indent=1)
+    return cost
+
+
+def run_method(method, seed, size, root, log):
+    stages = METHODS[method][1]
+    preset = SIZES[size]
+    out_prev, costs = None, []
+    for config, kind in stages:
+        if config.startswith("@"):  # reuse another method's run of this seed
+            out_prev = os.path.join(root, config[1:], f"seed{seed}", "s1")
+            continue
+        out = os.path.join(root, method, f"seed{seed}", kind)
+        opts = [*preset["common"], *preset[kind], "SEED", str(seed)]
+        if kind != "s1":
+            opts += ["MODEL.WEIGHTS", os.path.join(out_prev, "model_final.pth")]
+        costs.append(train(config, out, opts, log))
+        out_prev = out
+    final = costs[-1]
+    return {
+        "results": final["results"],
+        "output_dir": out_prev,
+        "step_seconds": final["step_seconds"],
+        "peak_rss_mib": max(c["peak_rss_mib"] for c in costs),
+        "train_wall_seconds": sum(c["wall_seconds"] - (c["eval_seconds"] or 0) for c in costs),
+        "eval_seconds": final["eval_seconds"],
+        "stages": len(costs),
+    }
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(pair, digits=1):
+    m, s = pair
+    return "n/a" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def summarise(raw, seeds):
+    summary = {}
+    for method, per_seed in raw.items():
+        entry = {}
+        for task in ("bbox", "segm"):
+            for k in KEYS:
+                entry[f"{task}_{k}"] = _mean_std([per_seed[s]["results"][task][k] for s in seeds])
+        base = raw["baseline"]
+        entry["step_ratio"] = _mean_std([per_seed[s]["step_seconds"] / base[s]["step_seconds"]
+                                         for s in seeds])
+        entry["memory_ratio"] = _mean_std([per_seed[s]["peak_rss_mib"] / base[s]["peak_rss_mib"]
+                                           for s in seeds])
+        entry["train_time_ratio"] = _mean_std(
+            [per_seed[s]["train_wall_seconds"] / base[s]["train_wall_seconds"] for s in seeds])
+        entry["eval_seconds"] = _mean_std([per_seed[s]["eval_seconds"] for s in seeds])
+        summary[method] = entry
+    return summary
+
+
+def plots(raw, summary, seeds, docs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from longtail.analysis import load_per_category, plot_ap_vs_instances
+
+    methods = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110, sharey=True)
+    width = 0.27
+    colors = {"APr": "#d62728", "APc": "#ff7f0e", "APf": "#1f77b4"}
+    for ax, task in zip(axes, ("bbox", "segm")):
+        x = np.arange(len(methods))
+        for i, k in enumerate(("APr", "APc", "APf")):
+            means = [summary[m][f"{task}_{k}"][0] for m in methods]
+            stds = [summary[m][f"{task}_{k}"][1] for m in methods]
+            ax.bar(x + (i - 1) * width, means, width, yerr=stds, capsize=3, label=k,
+                   color=colors[k])
+        ax.set_xticks(x)
+        ax.set_xticklabels(methods, rotation=20)
+        ax.set_title(f"{task}: mean ± std over seeds {list(seeds)}")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].set_ylabel("AP (%)")
+    axes[0].legend()
+    fig.suptitle("Embedded synthetic dataset (not LVIS): AP by frequency bucket")
+    fig.tight_layout()
+    bar_path = os.path.join(docs, "benchmark_ap_by_frequency.png")
+    fig.savefig(bar_path)
+    plt.close(fig)
+    best = max((m for m in methods if m != "baseline"), key=lambda m: summary[m]["bbox_APr"][0])
+    seed = seeds[0]
+    rows_base = load_per_category(raw["baseline"][seed]["output_dir"], "bbox")
+    rows_best = load_per_category(raw[best][seed]["output_dir"], "bbox")
+    cat_path = os.path.join(docs, f"benchmark_per_category_{best}.png")
+    plot_ap_vs_instances([("baseline", rows_base), (best, rows_best)], cat_path,
+                         title=f"bbox AP per category, seed {seed}")
+    return bar_path, cat_path, best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--docs", default=os.path.join(ROOT, "docs"),
+                        help="where the section, results json and plots go")
+    args = parser.parse_args()
+    if "baseline" not in args.methods:
+        args.methods.insert(0, "baseline")
+    root = os.path.join("output", "benchmark", args.size)
+    os.makedirs(os.path.join(ROOT, root), exist_ok=True)
+    log = os.path.join(ROOT, root, "runs.log")
+    start = time.time()
+    raw = {m: {} for m in args.methods}
+    for seed in args.seeds:
+        for method in args.methods:
+            raw[method][seed] = run_method(method, seed, args.size, root, log)
+    summary = summarise(raw, args.seeds)
+    docs = args.docs
+    os.makedirs(docs, exist_ok=True)
+    report = {"machine": machine(), "size": args.size, "seeds": args.seeds,
+              "command": "python tools/benchmark_all.py --size " + args.size
+              + " --seeds " + " ".join(map(str, args.seeds)),
+              "methods": {m: METHODS[m][0] for m in args.methods},
+              "runs": {m: {str(s): v for s, v in per.items()} for m, per in raw.items()},
+              "summary": summary, "wall_seconds_this_invocation": time.time() - start}
+    lines = [
+        f"Machine: {report['machine']}. Command (repository root): `{report['command']}` "
+        f"(`make benchmark`); size `{args.size}`; machine-readable: `docs/benchmark_results.json`.",
+        "Dataset: the embedded **synthetic** long-tailed dataset (48 classes, 16 r / 16 c / 16 f), "
+        "models from scratch; these are not LVIS numbers. Mean ± standard deviation over seeds "
+        f"{args.seeds}. Step time and peak memory are ratios to the baseline of the same seed, "
+        "from the same command (step: median iteration time of the method's last stage; stage "
+        "2s train only part of the model). Evaluation: seconds of the final evaluation on the "
+        "500 validation images (inference + LVIS evaluation).",
+        "",
+        "| method | bbox AP | bbox APr | bbox APc | bbox APf | segm AP | segm APr | segm APc | "
+        "segm APf | step time | peak memory | training time | evaluation (s) |",
+        "|---|" + "---|" * 13,
+    ]
+    for m in args.methods:
+        s = summary[m]
+        cells = [_fmt(s[f"{t}_{k}"]) for t in ("bbox", "segm") for k in KEYS]
+        lines.append(f"| {m}: {METHODS[m][0]} | " + " | ".join(cells) + " | "
+                     f"{_fmt(s['step_ratio'], 2)}x | {_fmt(s['memory_ratio'], 2)}x | "
+                     f"{_fmt(s['train_time_ratio'], 2)}x | {_fmt(s['eval_seconds'], 0)} |")
+    if not args.no_write:
+        bar, cat, best = plots(raw, summary, args.seeds, docs)
+        lines += ["", f"![AP by frequency](benchmark_ap_by_frequency.png) "
+                  f"![per category]({os.path.basename(cat)})",
+                  "", f"Per-category plot: baseline vs `{best}` (best mean bbox APr), seed "
+                  f"{args.seeds[0]}."]
+        with open(os.path.join(docs, "benchmark_results.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        replace_section(os.path.join(docs, "benchmarks.md"), SECTION, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
