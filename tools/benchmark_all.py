@@ -16,9 +16,9 @@ on the baseline), LOCE (normed-mask stage 1, then EBL + MFS), RIO and RIO replay
 A run whose ``eval_results.json`` exists is reused, an interrupted one resumes (``--resume``):
 the command can be stopped and restarted at any time. Sizes (``--size``):
 
-* ``cpu`` (default): the embedded dataset (2,000 training images <= 160 px) and half of the
-  synthetic schedule (600 iterations of 8 images; stage 2s shortened alike): about 40 minutes
-  per seed on 2 CPU cores;
+* ``cpu`` (default): the embedded dataset (2,000 training images <= 160 px) and a third of the
+  synthetic configs' schedule (400 iterations of 8 images; stage 2s shortened alike), so that
+  three seeds of all six methods fit in about two hours on 2 CPU cores;
 * ``gpu``: ``longtail_synth_large`` (8,000 training / 1,000 validation images of 192-320 px,
   larger objects), 16 images per iteration and a 10x longer schedule, for a GPU machine.
 
@@ -62,12 +62,12 @@ METHODS = {
 SIZES = {
     "cpu": {
         "common": [],
-        "s1": ["SOLVER.MAX_ITER", "600", "SOLVER.STEPS", "(450, 550)", "SOLVER.WARMUP_ITERS", "100",
-               "SOLVER.CHECKPOINT_PERIOD", "300"],
-        "bags": ["SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "(200, 275)", "SOLVER.WARMUP_ITERS", "25",
-                 "SOLVER.CHECKPOINT_PERIOD", "150"],
-        "loce": ["SOLVER.MAX_ITER", "150", "SOLVER.STEPS", "(75, 125)", "SOLVER.WARMUP_ITERS", "25",
-                 "SOLVER.CHECKPOINT_PERIOD", "75"],
+        "s1": ["SOLVER.MAX_ITER", "400", "SOLVER.STEPS", "(300, 370)", "SOLVER.WARMUP_ITERS", "60",
+               "SOLVER.CHECKPOINT_PERIOD", "200"],
+        "bags": ["SOLVER.MAX_ITER", "200", "SOLVER.STEPS", "(140, 185)", "SOLVER.WARMUP_ITERS", "20",
+                 "SOLVER.CHECKPOINT_PERIOD", "100"],
+        "loce": ["SOLVER.MAX_ITER", "100", "SOLVER.STEPS", "(50, 85)", "SOLVER.WARMUP_ITERS", "20",
+                 "SOLVER.CHECKPOINT_PERIOD", "50"],
     },
     # a few iterations on the mini dataset: checks the command end to end in minutes
     "smoke": {
@@ -297,7 +297,7 @@ def main():
         "",
         "| method | bbox AP | bbox APr | bbox APc | bbox APf | segm AP | segm APr | segm APc | "
         "segm APf | step time | peak memory | training time | evaluation (s) |",
-        "|---|" + "---|" * 13,
+        "|---|" + "---|" * 12,
     ]
     for m in args.methods:
         s = summary[m]
