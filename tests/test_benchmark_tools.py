@@ -49,3 +49,49 @@ def test_replace_section_keeps_the_other_sections(tmp_path):
     text = path.read_text()
     assert "updated" in text and "second" in text and "first" not in text
     assert text.index("## A") < text.index("## B")
+
+
+def test_benchmark_all_schedules_stages_in_order_with_jobs(monkeypatch, tmp_path, capsys):
+    """--jobs 2: every stage runs once, BAGS after its seed's baseline, trailing options passed."""
+    import threading
+    import time as _time
+
+    import tools.benchmark_all as ba
+
+    calls, lock = [], threading.Lock()
+
+    def fake_train(config, out, opts, log):
+        _time.sleep(0.01)
+        with lock:
+            calls.append((config, out, list(opts)))
+        res = {k: 1.0 for k in ("AP", "AP50", "APr", "APc", "APf")}
+        return {"results": {"bbox": res, "segm": res}, "wall_seconds": 2.0,
+                "step_seconds": 0.5, "peak_rss_mib": 100.0, "eval_seconds": 1.0}
+
+    monkeypatch.setattr(ba, "train", fake_train)
+    monkeypatch.setattr(ba, "ROOT", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["benchmark_all.py", "--size", "smoke", "--seeds", "0", "1",
+                                     "--jobs", "2", "--no-write", "MODEL.X", "1"])
+    ba.main()
+    n_stages = sum(1 for _, st in ba.METHODS.values() for c, _ in st if not c.startswith("@"))
+    assert len(calls) == 2 * n_stages
+    outs = [out for _, out, _ in calls]
+    assert len(set(outs)) == len(outs)
+    for seed in (0, 1):
+        base = outs.index(f"output/benchmark/smoke/baseline/seed{seed}/s1")
+        bags = outs.index(f"output/benchmark/smoke/bags/seed{seed}/bags")
+        assert base < bags
+        weights = calls[bags][2][calls[bags][2].index("MODEL.WEIGHTS") + 1]
+        assert weights == f"output/benchmark/smoke/baseline/seed{seed}/s1/model_final.pth"
+    for _, _, opts in calls:
+        assert opts[opts.index("MODEL.X") + 1] == "1"
+        assert "LONGTAIL.NUM_THREADS" in opts  # --jobs limits each run's threads
+    assert "--jobs 2 MODEL.X 1" in capsys.readouterr().out
+
+
+def test_benchmark_all_rejects_odd_options(monkeypatch):
+    import tools.benchmark_all as ba
+
+    monkeypatch.setattr("sys.argv", ["benchmark_all.py", "--no-write", "MODEL.X"])
+    with pytest.raises(SystemExit):
+        ba.main()

@@ -104,7 +104,10 @@ def build(name, device):
     model = build_model(cfg)
     freeze_except(model, trainable)
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    # lr 0: the optimizer does the same arithmetic, but the weights stay at their random init, so
+    # the interleaved steps time the same model and random-init training on random data (FrozenBN,
+    # no pre-training) cannot diverge mid-benchmark
+    return model, torch.optim.SGD(params, lr=0.0, momentum=0.9)
 
 
 def prefill(model, data, steps=3):

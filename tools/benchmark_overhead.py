@@ -64,7 +64,10 @@ def make_model(cls_loss, trainable, mask_on, device):
     model = build_model(make_cfg(cls_loss, trainable, mask_on, device))
     freeze_except(model, trainable)
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    # lr 0: the optimizer does the same arithmetic, but the weights stay at their random init, so
+    # the interleaved steps time the same model and random-init training on random data (FrozenBN,
+    # no pre-training) cannot diverge mid-benchmark
+    return model, torch.optim.SGD(params, lr=0.0, momentum=0.9)
 
 
 def batch(size, device, n_img=2, n_gt=12, seed=0):
