@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools.benchmark_all import eval_seconds, step_seconds, summarise
+from tools.benchmark_all import eval_seconds, step_seconds, summarise, train_seconds
 from tools.benchmarks_md import replace_section
 
 
@@ -23,11 +23,22 @@ def test_step_and_eval_times_from_a_run(tmp_path):
     assert eval_seconds(str(log)) == 12.0  # the last evaluation of the run
 
 
+def test_train_seconds_of_a_resumed_run(tmp_path):
+    """Windows of 20 iterations x their median time; records re-logged after a resume win."""
+    metrics = tmp_path / "metrics.json"
+    recs = [{"iteration": 19, "time": 1.0}, {"iteration": 39, "time": 2.0},
+            {"iteration": 59, "time": 9.0},  # logged, then the process was killed at 65
+            {"iteration": 59, "time": 3.0}, {"iteration": 79, "time": 1.0},  # resumed from 40
+            {"iteration": 79, "bbox/AP": 1.0}]
+    metrics.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert train_seconds(str(metrics)) == pytest.approx(20 * 1.0 + 20 * 2.0 + 20 * 3.0 + 20 * 1.0)
+
+
 def test_summary_means_stds_and_ratios_to_the_baseline():
     def run(ap, apr, step, rss, wall):
         res = {"AP": ap, "AP50": 0.0, "APr": apr, "APc": 1.0, "APf": 2.0}
         return {"results": {"bbox": res, "segm": res}, "step_seconds": step,
-                "peak_rss_mib": rss, "train_wall_seconds": wall, "eval_seconds": 10.0}
+                "peak_rss_mib": rss, "train_seconds": wall, "eval_seconds": 10.0}
 
     raw = {
         "baseline": {0: run(20, 2, 1.0, 1000, 100), 1: run(22, 4, 2.0, 1000, 200)},
@@ -66,7 +77,8 @@ def test_benchmark_all_schedules_stages_in_order_with_jobs(monkeypatch, tmp_path
             calls.append((config, out, list(opts)))
         res = {k: 1.0 for k in ("AP", "AP50", "APr", "APc", "APf")}
         return {"results": {"bbox": res, "segm": res}, "wall_seconds": 2.0,
-                "step_seconds": 0.5, "peak_rss_mib": 100.0, "eval_seconds": 1.0}
+                "step_seconds": 0.5, "train_seconds": 3.0, "peak_rss_mib": 100.0,
+                "eval_seconds": 1.0}
 
     monkeypatch.setattr(ba, "train", fake_train)
     monkeypatch.setattr(ba, "ROOT", str(tmp_path))
