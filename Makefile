@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set-up + generate the embedded dataset + train (RFS) + evaluate (~15 min on 2 CPU cores)
+#   make demo   set-up + generate the embedded dataset + train (RFS) + evaluate (23 min on 2 CPU cores)
 #   make test   set-up + the test suite
 # Set-up is scripts/bootstrap.sh (idempotent). Opt in to upstream detectron2 (compiled CUDA ops,
 # needs GitHub access): `make setup LONGTAIL_D2=upstream`.
@@ -41,11 +41,14 @@ benchmark-bags: benchmark-sampling  # uniform baseline (= BAGS stage 1) -> BAGS 
 benchmark-memory: setup    # RIO vs RFS; LOCE EBL + MFS vs EBL alone (float16 / float32 / int8)
 	$(PY) tools/benchmark_runs.py memory
 
-# The headline table: every method x 3 seeds on the embedded dataset (~2 h on 2 CPU cores;
-# resumable). BENCHMARK_SIZE=gpu for the larger setting on a GPU machine.
+# The headline table: every method x 3 seeds on the embedded dataset (resumable: stop and run
+# again at any time). Two runs at a time, one torch thread each (keep the same BENCHMARK_JOBS for
+# every seed of a table, the step-time ratios depend on it). On a GPU machine:
+# make benchmark BENCHMARK_SIZE=gpu BENCHMARK_JOBS=1
 BENCHMARK_SIZE ?= cpu
+BENCHMARK_JOBS ?= 2
 benchmark: setup
-	$(PY) tools/benchmark_all.py --size $(BENCHMARK_SIZE)
+	$(PY) tools/benchmark_all.py --size $(BENCHMARK_SIZE) --jobs $(BENCHMARK_JOBS)
 
 # Step-time overhead of EBL / BAGS over softmax CE and of the BAGS merge at LVIS v1 scale.
 benchmark-overhead: setup
