@@ -120,27 +120,9 @@ def eval_seconds(log_file):
     return (end - start).total_seconds() if start and end else None
 
 
-def step_seconds(metrics_file):
-    """Median over the run of detectron2's per-iteration 'time' (20-iteration medians)."""
-    times = []
-    with open(metrics_file) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "time" in rec:
-                times.append(rec["time"])
-    return statistics.median(times) if times else None
-
-
-def train_seconds(metrics_file):
-    """
-    Training time of a run from its metrics: sum over the logged windows of (iterations in the
-    window) x (the window's median iteration time). Unlike wall time around the process, this is
-    right for a run that was interrupted and resumed (records re-logged after a resume replace
-    the earlier ones of the same iteration).
-    """
+def iteration_times(metrics_file):
+    """{iteration: detectron2's logged 'time' (median of the 20 iterations up to it)}; records
+    re-logged after a resume replace the earlier ones of the same iteration."""
     by_iter = {}
     with open(metrics_file) as f:
         for line in f:
@@ -150,9 +132,24 @@ def train_seconds(metrics_file):
                 continue
             if "time" in rec and "iteration" in rec:
                 by_iter[rec["iteration"]] = rec["time"]
+    return by_iter
+
+
+def step_seconds(metrics_file):
+    """Median over the run of the logged per-iteration times."""
+    times = list(iteration_times(metrics_file).values())
+    return statistics.median(times) if times else None
+
+
+def train_seconds(metrics_file):
+    """
+    Training time of a run from its metrics: sum over the logged windows of (iterations in the
+    window) x (the window's median iteration time). Unlike wall time around the process, this is
+    right for a run that was interrupted and resumed.
+    """
     total, prev = 0.0, -1
-    for it in sorted(by_iter):
-        total += (it - prev) * by_iter[it]
+    for it, t in sorted(iteration_times(metrics_file).items()):
+        total += (it - prev) * t
         prev = it
     return total
 
