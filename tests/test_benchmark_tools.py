@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from tools.benchmark_all import eval_seconds, step_seconds, summarise, train_seconds
+from tools.benchmark_all import (describe_dataset, eval_seconds, step_seconds, summarise,
+                                 train_seconds, verdict)
 from tools.benchmarks_md import replace_section
 
 
@@ -50,6 +51,25 @@ def test_summary_means_stds_and_ratios_to_the_baseline():
     assert s["rio"]["step_ratio"][0] == pytest.approx((1.1 + 1.2) / 2)  # per-seed ratios
     assert s["rio"]["memory_ratio"][0] == pytest.approx((1.1 + 1.2) / 2)
     assert s["baseline"]["step_ratio"] == (1.0, 0.0)
+    # paired effects: seed 0 APr +4, seed 1 +6; APf equal in both seeds (not "up")
+    assert s["rio"]["delta_bbox_APr"] == (5.0, pytest.approx(2 ** 0.5))
+    assert s["rio"]["up_bbox_APr"] == 2 and s["rio"]["up_bbox_APf"] == 0
+    assert s["rio"]["down_bbox_APf"] == 0
+    assert verdict(s["rio"], 2) == "APr up in all 2 seeds; APf not consistent (0 up, 0 down of 2 seeds)"
+
+
+def test_verdict_reports_mixed_seeds():
+    entry = {"up_bbox_APr": 1, "down_bbox_APr": 2, "up_bbox_APf": 0, "down_bbox_APf": 3}
+    assert verdict(entry, 3) == ("APr not consistent (1 up, 2 down of 3 seeds); "
+                                 "APf down in all 3 seeds")
+
+
+def test_describe_dataset_counts_buckets_and_images(tmp_path):
+    cats = [{"id": i, "frequency": f} for i, f in enumerate("rrcfff", 1)]
+    (tmp_path / "t.json").write_text(json.dumps({"categories": cats, "images": [{}] * 7}))
+    (tmp_path / "v.json").write_text(json.dumps({"categories": cats, "images": [{}] * 3}))
+    text = describe_dataset("synth", str(tmp_path / "t.json"), str(tmp_path / "v.json"))
+    assert text == "`synth`, 6 classes (2 r / 1 c / 3 f), 7 training and 3 validation images"
 
 
 def test_replace_section_keeps_the_other_sections(tmp_path):
@@ -81,6 +101,7 @@ def test_benchmark_all_schedules_stages_in_order_with_jobs(monkeypatch, tmp_path
                 "eval_seconds": 1.0}
 
     monkeypatch.setattr(ba, "train", fake_train)
+    monkeypatch.setattr(ba, "dataset_description", lambda size: f"the {size} dataset")
     monkeypatch.setattr(ba, "ROOT", str(tmp_path))
     monkeypatch.setattr("sys.argv", ["benchmark_all.py", "--size", "smoke", "--seeds", "0", "1",
                                      "--jobs", "2", "--no-write", "MODEL.X", "1"])

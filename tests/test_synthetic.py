@@ -173,6 +173,72 @@ def test_category_plan_design():
     assert min(e["target_train_images"] for e in half) == 1
 
 
+def test_default_fingerprint_is_unchanged():
+    """Datasets generated before ``attribute_sets`` existed stay valid (no silent regeneration)."""
+    assert SyntheticConfig().fingerprint() == "20370810a3392373"
+    assert SyntheticConfig(attribute_sets=2).fingerprint() != SyntheticConfig().fingerprint()
+    with pytest.raises(ValueError, match="attribute_sets"):
+        SyntheticConfig(attribute_sets=4)
+
+
+@pytest.mark.parametrize("sets", [2, 3])
+def test_category_plan_with_more_attribute_sets(sets):
+    cfg = SyntheticConfig(attribute_sets=sets)
+    plan = category_plan(cfg)
+    assert [e["id"] for e in plan] == list(range(1, 48 * sets + 1))
+    assert len({e["name"] for e in plan}) == len(plan)
+    # every category is a distinct (shape, hue, texture): separable from the pixels
+    assert len({(e["family"], e["hue"], e["texture"]) for e in plan}) == len(plan)
+    groups = collections.defaultdict(list)
+    for e in plan:
+        groups[e["family"], e["set"]].append(e)
+    assert len(groups) == 16 * sets
+    for (family, aset), members in groups.items():
+        assert sorted(m["bucket"] for m in members) == ["c", "f", "r"]
+        if members[0]["kind"] == "colour":  # same hues as set 0, another texture
+            assert {m["texture"] for m in members} == {syn._TEXTURES[aset]}
+            assert [m["hue"] for m in members] == [m["hue"] for m in groups[family, 0]]
+        else:  # the three textures in a hue 120 degrees per set away from set 0's
+            assert len({m["hue"] for m in members}) == 1
+            gap = (members[0]["hue"] - groups[family, 0][0]["hue"]) % 360
+            assert gap == 120 * aset
+    # the first set is the 48-category dataset's categories (names, descriptions)
+    base = category_plan(SyntheticConfig())
+    first = [e for e in plan if e["set"] == 0]
+    assert [(e["name"], e["def"]) for e in first] == [(e["name"], e["def"]) for e in base]
+    # buckets stay balanced and their targets span the configured ranges
+    for b, (lo, hi) in (("f", cfg.frequent_image_range), ("c", cfg.common_image_range),
+                        ("r", cfg.rare_image_range)):
+        targets = [e["target_train_images"] for e in plan if e["bucket"] == b]
+        assert len(targets) == 16 * sets
+        assert min(targets) == lo and max(targets) == hi
+
+
+def test_generated_dataset_with_two_attribute_sets(tmp_path):
+    cfg = dataclasses.replace(SMALL, attribute_sets=2)
+    paths = generate(str(tmp_path / "ds"), cfg)
+    train, val = _load(paths["train_json"]), _load(paths["val_json"])
+    assert len(train["categories"]) == 96 and val["categories"] == train["categories"]
+    images = _images_per_category(train)
+    # every category is annotated, with the frequency the LVIS rule gives its image count
+    assert set(images) == set(range(1, 97))
+    for c in train["categories"]:
+        assert c["frequency"] == _frequency(len(images[c["id"]]))
+    assert collections.Counter(c["frequency"] for c in train["categories"])["r"] >= 28
+    # rare/common members meet their frequent sibling of the same attribute set
+    plan = category_plan(cfg)
+    frequent_of = {(e["family"], e["set"]): e["id"] for e in plan if e["bucket"] == "f"}
+    present = _present(train)
+    hits = total = 0
+    for e in plan:
+        if e["bucket"] != "f":
+            for cats in present.values():
+                if e["id"] in cats:
+                    total += 1
+                    hits += frequent_of[e["family"], e["set"]] in cats
+    assert hits / total >= 0.35
+
+
 def test_shape_templates_are_simple_polygons():
     for family in syn.FAMILIES:
         pts = syn.shape_template(family)

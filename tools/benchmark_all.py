@@ -19,8 +19,9 @@ the command can be stopped and restarted at any time. Sizes (``--size``):
 * ``cpu`` (default): the embedded dataset (2,000 training images <= 160 px) and a third of the
   synthetic configs' schedule (400 iterations of 8 images; stage 2s shortened alike), so that
   three seeds of all six methods fit in about two hours on 2 CPU cores;
-* ``gpu``: ``longtail_synth_large`` (8,000 training / 1,000 validation images of 192-320 px,
-  larger objects), 16 images per iteration and a 10x longer schedule, for a GPU machine.
+* ``gpu``: ``longtail_synth_large`` (96 categories, 8,000 training / 1,000 validation images
+  of 192-320 px, larger objects), 16 images per iteration and a 15x longer schedule, for a GPU
+  machine.
 
 * ``smoke``: a few iterations on the mini dataset, to check the command end to end.
 
@@ -88,6 +89,7 @@ SIZES = {
     "gpu": {
         "common": ["DATASETS.TRAIN", "('longtail_synth_large_train',)",
                    "DATASETS.TEST", "('longtail_synth_large_val',)",
+                   "MODEL.ROI_HEADS.NUM_CLASSES", "96",
                    "INPUT.MIN_SIZE_TRAIN", "(224, 256, 288)", "INPUT.MAX_SIZE_TRAIN", "384",
                    "INPUT.MIN_SIZE_TEST", "256", "INPUT.MAX_SIZE_TEST", "384",
                    "SOLVER.IMS_PER_BATCH", "16", "DATALOADER.NUM_WORKERS", "4"],
@@ -99,6 +101,9 @@ SIZES = {
                  "100", "SOLVER.CHECKPOINT_PERIOD", "500"],
     },
 }
+
+# the synthetic dataset of each size (its *_train / *_val are registered by ``import longtail``)
+DATASETS = {"cpu": "longtail_synth", "smoke": "longtail_synth_mini", "gpu": "longtail_synth_large"}
 
 _STAMP = re.compile(r"\[(\d\d/\d\d \d\d:\d\d:\d\d)")
 
@@ -189,6 +194,33 @@ def train(config, out, opts, log):
     return cost
 
 
+def describe_dataset(name, train_json, val_json):
+    """"`name`, C classes (r / c / f), N training and M validation images", from the jsons."""
+    from collections import Counter
+
+    data = {}
+    for split, path in (("train", train_json), ("val", val_json)):
+        with open(path) as f:
+            data[split] = json.load(f)
+    cats = data["train"]["categories"]
+    freq = Counter(c["frequency"] for c in cats)
+    return (f"`{name}`, {len(cats)} classes ({freq['r']} r / {freq['c']} c / {freq['f']} f), "
+            f"{len(data['train']['images'])} training and {len(data['val']['images'])} validation "
+            "images")
+
+
+def dataset_description(size):
+    """:func:`describe_dataset` of the synthetic dataset a size trains on."""
+    import longtail  # noqa: F401  (registers the synthetic datasets)
+    from detectron2.data import MetadataCatalog
+
+    name = DATASETS[size]
+    paths = [MetadataCatalog.get(f"{name}_{split}").json_file for split in ("train", "val")]
+    # relative to train_net.py's working directory
+    return describe_dataset(name, *(p if os.path.isabs(p) else os.path.join(ROOT, p)
+                                    for p in paths))
+
+
 def run_method(method, seed, size, root, log, extra_opts=(), wait_for=None):
     """Train a method's stages in order; ``wait_for``: future of a run this one loads (BAGS)."""
     if wait_for is not None:
@@ -245,8 +277,31 @@ def summarise(raw, seeds):
         entry["train_time_ratio"] = _mean_std(
             [per_seed[s]["train_seconds"] / base[s]["train_seconds"] for s in seeds])
         entry["eval_seconds"] = _mean_std([per_seed[s]["eval_seconds"] for s in seeds])
+        # effect on the baseline, paired by seed (same seed = same initialisation and data order
+        # of the first images): mean +- std of the differences and in how many seeds it was > 0
+        for task in ("bbox", "segm"):
+            for k in KEYS:
+                deltas = [per_seed[s]["results"][task][k] - base[s]["results"][task][k]
+                          for s in seeds]
+                entry[f"delta_{task}_{k}"] = _mean_std(deltas)
+                entry[f"up_{task}_{k}"] = sum(d > 0 for d in deltas)
+                entry[f"down_{task}_{k}"] = sum(d < 0 for d in deltas)
         summary[method] = entry
     return summary
+
+
+def verdict(entry, n_seeds, task="bbox"):
+    """Plain words for a method's paired effect on APr and APf: consistent only if every seed agrees."""
+    words = []
+    for k in ("APr", "APf"):
+        up, down = entry[f"up_{task}_{k}"], entry[f"down_{task}_{k}"]
+        if up == n_seeds:
+            words.append(f"{k} up in all {n_seeds} seeds")
+        elif down == n_seeds:
+            words.append(f"{k} down in all {n_seeds} seeds")
+        else:
+            words.append(f"{k} not consistent ({up} up, {down} down of {n_seeds} seeds)")
+    return "; ".join(words)
 
 
 def plots(raw, summary, seeds, docs):
@@ -345,13 +400,13 @@ def main():
     lines = [
         f"Machine: {report['machine']}. Command (repository root): `{report['command']}` "
         f"(`make benchmark`); size `{args.size}`; machine-readable: `docs/benchmark_results.json`.",
-        "Dataset: the embedded **synthetic** long-tailed dataset (48 classes, 16 r / 16 c / 16 f), "
-        "models from scratch; these are not LVIS numbers. Mean ± standard deviation over seeds "
+        "Dataset: the embedded **synthetic** long-tailed dataset "
+        f"({dataset_description(args.size)}), models from scratch; these are not LVIS numbers. Mean ± standard deviation over seeds "
         f"{args.seeds}. Step time and peak memory are ratios to the baseline of the same seed, "
         "from the same command (step: median iteration time of the method's last stage; stage "
         "2s train only part of the model; training time: all the method's stages, summed from "
         "the logged iteration times, stage 1 included where the method trains its own). Evaluation: seconds of the final evaluation on the "
-        "500 validation images (inference + LVIS evaluation)."
+        "validation images (inference + LVIS evaluation)."
         + (f" Runs were trained {args.jobs} at a time, each with "
            f"{extra[extra.index('LONGTAIL.NUM_THREADS') + 1]} torch thread(s), baselines included."
            if args.jobs > 1 else ""),
@@ -366,6 +421,23 @@ def main():
         lines.append(f"| {m}: {METHODS[m][0]} | " + " | ".join(cells) + " | "
                      f"{_fmt(s['step_ratio'], 2)}x | {_fmt(s['memory_ratio'], 2)}x | "
                      f"{_fmt(s['train_time_ratio'], 2)}x | {_fmt(s['eval_seconds'], 0)} |")
+    lines += [
+        "",
+        "Effect of each method on the baseline, paired by seed (difference to the baseline of the "
+        "same seed: mean ± std over seeds, and in how many seeds it is positive):",
+        "",
+        "| method | bbox ΔAP | bbox ΔAPr | bbox ΔAPf | segm ΔAPr | segm ΔAPf | bbox, in words |",
+        "|---|" + "---|" * 6,
+    ]
+    n = len(args.seeds)
+    for m in args.methods:
+        if m == "baseline":
+            continue
+        s = summary[m]
+        cells = [f"{_fmt(s[f'delta_{t}_{k}'])} ({s[f'up_{t}_{k}']}/{n})"
+                 for t, k in (("bbox", "AP"), ("bbox", "APr"), ("bbox", "APf"), ("segm", "APr"),
+                              ("segm", "APf"))]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {verdict(s, n)} |")
     if not args.no_write:
         bar, cat, best = plots(raw, summary, args.seeds, docs)
         lines += ["", f"![AP by frequency](benchmark_ap_by_frequency.png) "

@@ -7,8 +7,10 @@ The dataset is built to reproduce the long-tail *problem*, not only a skewed his
 
 * 16 shape families (circle, square, ..., parallelogram) with 3 members each. Members of a family
   share the shape and differ in one subtle attribute: either a nearby hue (30 degrees apart) or a
-  texture (solid / striped / dotted). Per-instance appearance jitter is kept small (hue +-4 deg,
-  value +-10%) so that members stay separable.
+  texture (solid / striped / dotted). ``attribute_sets`` > 1 gives every family further sets of 3
+  members that differ from the first in the other attribute (48, 96 or 144 categories).
+  Per-instance appearance jitter is kept small (hue +-4 deg, value +-10%) so that members stay
+  separable.
 * In every family one member is frequent, one common and one rare, and which attribute is rare
   rotates between families, so "rare" is never a single visual cue. Rare members frequently
   co-occur with their frequent sibling, so the two compete for the same kind of boxes.
@@ -152,6 +154,9 @@ class SyntheticConfig:
     neg_sample_fraction: float = 0.25
     not_exhaustive_fraction: float = 0.02
     jpeg_quality: int = 92
+    # sets of 3 members per family (1, 2 or 3): 16 x 3 x attribute_sets categories, each set with
+    # one frequent, one common and one rare member (see category_plan)
+    attribute_sets: int = 1
 
     def __post_init__(self):
         if not 1 <= self.min_side <= self.max_side:
@@ -169,10 +174,20 @@ class SyntheticConfig:
         for lo, hi in (self.frequent_image_range, self.common_image_range, self.rare_image_range):
             if not 1 <= lo <= hi:
                 raise ValueError("image ranges must satisfy 1 <= lo <= hi")
+        if self.attribute_sets not in (1, 2, 3):
+            raise ValueError("attribute_sets must be 1, 2 or 3 (48, 96 or 144 categories), got "
+                             "{}".format(self.attribute_sets))
 
     def fingerprint(self) -> str:
-        """A stable 16-hex-digit hash of all fields and :data:`GENERATOR_VERSION`."""
-        payload = {"generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(self)}
+        """A stable 16-hex-digit hash of all fields and :data:`GENERATOR_VERSION`.
+
+        ``attribute_sets`` (added later) enters only when it is not 1, so datasets generated
+        before it existed keep their fingerprint (their files are unchanged).
+        """
+        config = dataclasses.asdict(self)
+        if config["attribute_sets"] == 1:
+            del config["attribute_sets"]
+        payload = {"generator_version": GENERATOR_VERSION, "config": config}
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -210,59 +225,75 @@ def _scaled_target(level: float, num_images: int, reference: int, floor: int) ->
 
 def category_plan(cfg: SyntheticConfig = SyntheticConfig()) -> List[dict]:
     """
-    The design of the category set: 16 families x 3 members, ids 1..48 (family-major).
+    The design of the category set: 16 families x ``cfg.attribute_sets`` sets x 3 members,
+    ids 1..48 * sets (family-major, then set, then member).
+
+    In set 0, the members of a "colour" family are solid with hues 30 degrees apart and those of
+    a "texture" family share a hue and are solid / striped / dotted. Set ``s`` > 0 changes the
+    other attribute: a colour family's set ``s`` has the same three hues with texture
+    ``_TEXTURES[s]``; a texture family's set ``s`` has the three textures in a hue 120 * ``s``
+    degrees away. Every set has one frequent, one common and one rare member; which member is
+    rare rotates with the family and the set.
 
     Returns:
         list of dicts, one per category, ordered by id, with keys
-        ``id, name, family, member (0..2), kind ("colour" | "texture"), colour, hue (deg),
+        ``id, name, family, set, member (0..2), kind ("colour" | "texture"), colour, hue (deg),
         texture ("solid" | "striped" | "dotted"), bucket (intended "f" | "c" | "r"),
         reference_images (target at ``cfg.reference_train_images``), target_train_images,
         target_val_images, def``.
     """
-    n = len(FAMILIES)
+    sets = cfg.attribute_sets
+    n = len(FAMILIES) * sets
     levels = {
         "f": _levels(*cfg.frequent_image_range, n, log=True),
         "c": _levels(*cfg.common_image_range, n, log=True),
         "r": _levels(*cfg.rare_image_range, n, log=False),
     }
-    # fixed permutations (multipliers coprime with 16) decorrelate head/mid/tail sizes per family
+    # fixed permutations (multipliers coprime with 16 * sets) decorrelate head/mid/tail sizes
+    # per (set, family); index i = set * 16 + family
     level_index = {"f": lambda i: (7 * i) % n, "c": lambda i: (5 * i + 3) % n,
                    "r": lambda i: (11 * i + 7) % n}
     plan = []
     for fam_idx, shape in enumerate(FAMILIES):
         kind = "colour" if fam_idx % 2 == 0 else "texture"
         k = fam_idx // 2
-        for member in range(_MEMBERS_PER_FAMILY):
-            if kind == "colour":
-                colour, hue = _PALETTE[(3 * k + k // 4 + member) % len(_PALETTE)]
-                texture = "solid"
-                name = "{}_{}".format(shape, colour)
-                desc = "a solid {} {}".format(colour, shape)
-            else:
-                colour, hue = _PALETTE[(3 * k + k // 4 + 2) % len(_PALETTE)]
-                texture = _TEXTURES[member]
-                name = "{}_{}".format(shape, texture)
-                desc = "a {} {} with a {} surface".format(colour, shape, texture)
-            bucket = _BUCKETS[(member - fam_idx) % _MEMBERS_PER_FAMILY]
-            level = levels[bucket][level_index[bucket](fam_idx)]
-            plan.append({
-                "id": fam_idx * _MEMBERS_PER_FAMILY + member + 1,
-                "name": name,
-                "family": shape,
-                "member": member,
-                "kind": kind,
-                "colour": colour,
-                "hue": hue,
-                "texture": texture,
-                "bucket": bucket,
-                "reference_images": int(round(level)),
-                "target_train_images": _scaled_target(
-                    level, cfg.num_train_images, cfg.reference_train_images, 1),
-                "target_val_images": _scaled_target(
-                    level, cfg.num_val_images, cfg.reference_train_images,
-                    cfg.min_val_images_per_class),
-                "def": desc,
-            })
+        for aset in range(sets):
+            for member in range(_MEMBERS_PER_FAMILY):
+                if kind == "colour":
+                    colour, hue = _PALETTE[(3 * k + k // 4 + member) % len(_PALETTE)]
+                    texture = _TEXTURES[aset]
+                    name = "{}_{}".format(shape, colour)
+                    if aset:
+                        name += "_" + texture
+                    desc = "a {} {} {}".format(texture, colour, shape)
+                else:
+                    colour, hue = _PALETTE[(3 * k + k // 4 + 2 + 4 * aset) % len(_PALETTE)]
+                    texture = _TEXTURES[member]
+                    name = "{}_{}".format(shape, texture)
+                    if aset:
+                        name += "_" + colour
+                    desc = "a {} {} with a {} surface".format(colour, shape, texture)
+                bucket = _BUCKETS[(member - fam_idx - aset) % _MEMBERS_PER_FAMILY]
+                level = levels[bucket][level_index[bucket](aset * len(FAMILIES) + fam_idx)]
+                plan.append({
+                    "id": (fam_idx * sets + aset) * _MEMBERS_PER_FAMILY + member + 1,
+                    "name": name,
+                    "family": shape,
+                    "set": aset,
+                    "member": member,
+                    "kind": kind,
+                    "colour": colour,
+                    "hue": hue,
+                    "texture": texture,
+                    "bucket": bucket,
+                    "reference_images": int(round(level)),
+                    "target_train_images": _scaled_target(
+                        level, cfg.num_train_images, cfg.reference_train_images, 1),
+                    "target_val_images": _scaled_target(
+                        level, cfg.num_val_images, cfg.reference_train_images,
+                        cfg.min_val_images_per_class),
+                    "def": desc,
+                })
     return plan
 
 
@@ -613,17 +644,17 @@ def assign_categories(rng: np.random.Generator, plan: Sequence[dict], targets: D
 
     Categories are processed from the smallest target up; each picks images uniformly among those
     with room (< ``cfg.max_categories_per_image`` categories) until it is in ``targets[id]``
-    images. A c/r category pulls its frequent family sibling into the same image with probability
-    ``cfg.sibling_cooccurrence``. Images left empty get one frequent category (p ~ target).
-    Frequent categories then get 2-3 instances with probability ``cfg.multi_instance_prob``
+    images. A c/r category pulls its frequent sibling (same family and attribute set) into the
+    same image with probability ``cfg.sibling_cooccurrence``. Images left empty get one frequent
+    category (p ~ target). Frequent categories then get 2-3 instances with probability ``cfg.multi_instance_prob``
     (common ones with a third of it), within ``cfg.max_objects_per_image``.
 
     Returns:
         per image, the category id of every object to place, rarest category first.
     """
-    frequent_sibling = {e["family"]: e["id"] for e in plan if e["bucket"] == "f"}
+    frequent_sibling = {(e["family"], e["set"]): e["id"] for e in plan if e["bucket"] == "f"}
     bucket = {e["id"]: e["bucket"] for e in plan}
-    family = {e["id"]: e["family"] for e in plan}
+    family = {e["id"]: (e["family"], e["set"]) for e in plan}
     order = sorted(targets, key=lambda cid: (targets[cid], cid))
     rank = {cid: r for r, cid in enumerate(order)}
     images: List[Set[int]] = [set() for _ in range(num_images)]
@@ -908,11 +939,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--num-train-images", type=int, default=defaults.num_train_images)
     parser.add_argument("--num-val-images", type=int, default=defaults.num_val_images)
+    parser.add_argument("--attribute-sets", type=int, default=defaults.attribute_sets,
+                        choices=(1, 2, 3), help="48, 96 or 144 categories")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = dataclasses.replace(defaults, seed=args.seed, num_train_images=args.num_train_images,
-                              num_val_images=args.num_val_images)
+                              num_val_images=args.num_val_images,
+                              attribute_sets=args.attribute_sets)
     paths = (generate if args.force else ensure_dataset)(args.root, cfg)
     print(json.dumps(paths, indent=2))
     return 0
