@@ -55,7 +55,26 @@ def test_summary_means_stds_and_ratios_to_the_baseline():
     assert s["rio"]["delta_bbox_APr"] == (5.0, pytest.approx(2 ** 0.5))
     assert s["rio"]["up_bbox_APr"] == 2 and s["rio"]["up_bbox_APf"] == 0
     assert s["rio"]["down_bbox_APf"] == 0
-    assert verdict(s["rio"], 2) == "APr up in all 2 seeds; APf not consistent (0 up, 0 down of 2 seeds)"
+    assert "reference" not in s["rio"]  # its reference (rfs) is not in this run
+    assert verdict(s["rio"], 2) == ("APr up in all 2 seeds; "
+                                    "APf not consistent (0 up, 0 down of 2 seeds)")
+
+
+def test_summary_compares_a_method_with_the_one_it_extends():
+    def run(apr, apf):
+        res = {"AP": 1.0, "AP50": 0.0, "APr": apr, "APc": 1.0, "APf": apf}
+        return {"results": {"bbox": res, "segm": res}, "step_seconds": 1.0,
+                "peak_rss_mib": 1.0, "train_seconds": 1.0, "eval_seconds": 1.0}
+
+    raw = {"baseline": {0: run(0, 20), 1: run(1, 21)},
+           "rio": {0: run(5, 19), 1: run(6, 20)},
+           "rio_ebl": {0: run(4, 17), 1: run(6.5, 18)}}  # above the baseline, not above rio
+    s = summarise(raw, [0, 1])
+    assert s["rio_ebl"]["reference"] == "rio" and "reference" not in s["baseline"]
+    assert s["rio_ebl"]["ref_delta_bbox_APf"] == (-2.0, 0.0)
+    assert verdict(s["rio_ebl"], 2) == "APr up in all 2 seeds; APf down in all 2 seeds"
+    assert verdict(s["rio_ebl"], 2, prefix="ref_") == (
+        "APr not consistent (1 up, 1 down of 2 seeds); APf down in all 2 seeds")
 
 
 def test_verdict_reports_mixed_seeds():

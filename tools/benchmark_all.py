@@ -105,6 +105,9 @@ SIZES = {
 # the synthetic dataset of each size (its *_train / *_val are registered by ``import longtail``)
 DATASETS = {"cpu": "longtail_synth", "smoke": "longtail_synth_mini", "gpu": "longtail_synth_large"}
 
+# methods that add one component to another method: their effect on it is reported too
+REFERENCE = {"rio": "rfs", "rio_ebl": "rio"}
+
 _STAMP = re.compile(r"\[(\d\d/\d\d \d\d:\d\d:\d\d)")
 
 
@@ -278,23 +281,35 @@ def summarise(raw, seeds):
             [per_seed[s]["train_seconds"] / base[s]["train_seconds"] for s in seeds])
         entry["eval_seconds"] = _mean_std([per_seed[s]["eval_seconds"] for s in seeds])
         # effect on the baseline, paired by seed (same seed = same initialisation and data order
-        # of the first images): mean +- std of the differences and in how many seeds it was > 0
-        for task in ("bbox", "segm"):
-            for k in KEYS:
-                deltas = [per_seed[s]["results"][task][k] - base[s]["results"][task][k]
-                          for s in seeds]
-                entry[f"delta_{task}_{k}"] = _mean_std(deltas)
-                entry[f"up_{task}_{k}"] = sum(d > 0 for d in deltas)
-                entry[f"down_{task}_{k}"] = sum(d < 0 for d in deltas)
+        # of the first images), and on the method it extends (REFERENCE) where there is one
+        entry.update(_paired(per_seed, base, seeds))
+        if REFERENCE.get(method) in raw:
+            entry["reference"] = REFERENCE[method]
+            entry.update(_paired(per_seed, raw[REFERENCE[method]], seeds, prefix="ref_"))
         summary[method] = entry
     return summary
 
 
-def verdict(entry, n_seeds, task="bbox"):
-    """Plain words for a method's paired effect on APr and APf: consistent only if every seed agrees."""
+def _paired(runs, other, seeds, prefix=""):
+    """Per-seed differences ``runs - other``: mean +- std, and in how many seeds > 0 / < 0."""
+    out = {}
+    for task in ("bbox", "segm"):
+        for k in KEYS:
+            deltas = [runs[s]["results"][task][k] - other[s]["results"][task][k] for s in seeds]
+            out[f"{prefix}delta_{task}_{k}"] = _mean_std(deltas)
+            out[f"{prefix}up_{task}_{k}"] = sum(d > 0 for d in deltas)
+            out[f"{prefix}down_{task}_{k}"] = sum(d < 0 for d in deltas)
+    return out
+
+
+def verdict(entry, n_seeds, task="bbox", prefix=""):
+    """Plain words for a paired effect on APr and APf: consistent only if every seed agrees.
+
+    ``prefix``: "" for the effect on the baseline, "ref_" for the effect on the reference method.
+    """
     words = []
     for k in ("APr", "APf"):
-        up, down = entry[f"up_{task}_{k}"], entry[f"down_{task}_{k}"]
+        up, down = entry[f"{prefix}up_{task}_{k}"], entry[f"{prefix}down_{task}_{k}"]
         if up == n_seeds:
             words.append(f"{k} up in all {n_seeds} seeds")
         elif down == n_seeds:
@@ -424,10 +439,13 @@ def main():
     lines += [
         "",
         "Effect of each method on the baseline, paired by seed (difference to the baseline of the "
-        "same seed: mean ± std over seeds, and in how many seeds it is positive):",
+        "same seed: mean ± std over seeds, and in how many seeds it is positive); the last column "
+        "compares a method with the one it extends ("
+        + ", ".join(f"{m} on {r}" for m, r in REFERENCE.items()) + "), paired by seed alike:",
         "",
-        "| method | bbox ΔAP | bbox ΔAPr | bbox ΔAPf | segm ΔAPr | segm ΔAPf | bbox, in words |",
-        "|---|" + "---|" * 6,
+        "| method | bbox ΔAP | bbox ΔAPr | bbox ΔAPf | segm ΔAPr | segm ΔAPf | bbox, in words | "
+        "bbox, on the method it extends (paired by seed) |",
+        "|---|" + "---|" * 7,
     ]
     n = len(args.seeds)
     for m in args.methods:
@@ -437,7 +455,11 @@ def main():
         cells = [f"{_fmt(s[f'delta_{t}_{k}'])} ({s[f'up_{t}_{k}']}/{n})"
                  for t, k in (("bbox", "AP"), ("bbox", "APr"), ("bbox", "APf"), ("segm", "APr"),
                               ("segm", "APf"))]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {verdict(s, n)} |")
+        ref = "n/a"
+        if "reference" in s:
+            ref = (f"vs {s['reference']}: APr {_fmt(s['ref_delta_bbox_APr'])}, APf "
+                   f"{_fmt(s['ref_delta_bbox_APf'])}; {verdict(s, n, prefix='ref_')}")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {verdict(s, n)} | {ref} |")
     if not args.no_write:
         bar, cat, best = plots(raw, summary, args.seeds, docs)
         lines += ["", f"![AP by frequency](benchmark_ap_by_frequency.png) "
