@@ -72,6 +72,19 @@ def _present(dataset):
     return out
 
 
+def _sibling_hit_rate(plan, dataset, buckets):
+    """Share of the images of the ``buckets`` categories that also hold their frequent sibling
+    (same family and attribute set)."""
+    frequent_of = {(e["family"], e["set"]): e["id"] for e in plan if e["bucket"] == "f"}
+    hits = total = 0
+    for cats in _present(dataset).values():
+        for e in plan:
+            if e["bucket"] in buckets and e["id"] in cats:
+                total += 1
+                hits += frequent_of[e["family"], e["set"]] in cats
+    return hits / total
+
+
 def _shoelace(flat):
     x, y = np.asarray(flat[0::2]), np.asarray(flat[1::2])
     return 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
@@ -226,17 +239,7 @@ def test_generated_dataset_with_two_attribute_sets(tmp_path):
         assert c["frequency"] == _frequency(len(images[c["id"]]))
     assert collections.Counter(c["frequency"] for c in train["categories"])["r"] >= 28
     # rare/common members meet their frequent sibling of the same attribute set
-    plan = category_plan(cfg)
-    frequent_of = {(e["family"], e["set"]): e["id"] for e in plan if e["bucket"] == "f"}
-    present = _present(train)
-    hits = total = 0
-    for e in plan:
-        if e["bucket"] != "f":
-            for cats in present.values():
-                if e["id"] in cats:
-                    total += 1
-                    hits += frequent_of[e["family"], e["set"]] in cats
-    assert hits / total >= 0.35
+    assert _sibling_hit_rate(category_plan(cfg), train, "rc") >= 0.35
 
 
 def test_shape_templates_are_simple_polygons():
@@ -442,18 +445,8 @@ def test_default_rare_members_meet_their_frequent_sibling(default):
     """Rare/common objects share images (and thus training boxes) with the frequent sibling."""
     _, train, _ = default
     plan = category_plan(SyntheticConfig())
-    frequent_of = {e["family"]: e["id"] for e in plan if e["bucket"] == "f"}
-    present = _present(train)
     for bucket in "rc":
-        hits = total = 0
-        for e in plan:
-            if e["bucket"] != bucket:
-                continue
-            for cats in present.values():
-                if e["id"] in cats:
-                    total += 1
-                    hits += frequent_of[e["family"]] in cats
-        assert hits / total >= 0.35, bucket
+        assert _sibling_hit_rate(plan, train, bucket) >= 0.35, bucket
 
 
 def test_default_federated_labels(default):

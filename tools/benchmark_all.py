@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -199,8 +200,6 @@ def train(config, out, opts, log):
 
 def describe_dataset(name, train_json, val_json):
     """"`name`, C classes (r / c / f), N training and M validation images", from the jsons."""
-    from collections import Counter
-
     data = {}
     for split, path in (("train", train_json), ("val", val_json)):
         with open(path) as f:
@@ -416,12 +415,13 @@ def main():
         f"Machine: {report['machine']}. Command (repository root): `{report['command']}` "
         f"(`make benchmark`); size `{args.size}`; machine-readable: `docs/benchmark_results.json`.",
         "Dataset: the embedded **synthetic** long-tailed dataset "
-        f"({dataset_description(args.size)}), models from scratch; these are not LVIS numbers. Mean ± standard deviation over seeds "
-        f"{args.seeds}. Step time and peak memory are ratios to the baseline of the same seed, "
-        "from the same command (step: median iteration time of the method's last stage; stage "
-        "2s train only part of the model; training time: all the method's stages, summed from "
-        "the logged iteration times, stage 1 included where the method trains its own). Evaluation: seconds of the final evaluation on the "
-        "validation images (inference + LVIS evaluation)."
+        f"({dataset_description(args.size)}), models from scratch; these are not LVIS numbers. "
+        f"Mean ± standard deviation over seeds {args.seeds}. Step time and peak memory are ratios "
+        "to the baseline of the same seed, from the same command (step: median iteration time of "
+        "the method's last stage; stage 2s train only part of the model; training time: all the "
+        "method's stages, summed from the logged iteration times, stage 1 included where the "
+        "method trains its own). Evaluation: seconds of the final evaluation on the validation "
+        "images (inference + LVIS evaluation)."
         + (f" Runs were trained {args.jobs} at a time, each with "
            f"{extra[extra.index('LONGTAIL.NUM_THREADS') + 1]} torch thread(s), baselines included."
            if args.jobs > 1 else ""),

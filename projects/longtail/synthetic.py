@@ -646,15 +646,16 @@ def assign_categories(rng: np.random.Generator, plan: Sequence[dict], targets: D
     with room (< ``cfg.max_categories_per_image`` categories) until it is in ``targets[id]``
     images. A c/r category pulls its frequent sibling (same family and attribute set) into the
     same image with probability ``cfg.sibling_cooccurrence``. Images left empty get one frequent
-    category (p ~ target). Frequent categories then get 2-3 instances with probability ``cfg.multi_instance_prob``
-    (common ones with a third of it), within ``cfg.max_objects_per_image``.
+    category (p ~ target). Frequent categories then get 2-3 instances with probability
+    ``cfg.multi_instance_prob`` (common ones with a third of it), within
+    ``cfg.max_objects_per_image``.
 
     Returns:
         per image, the category id of every object to place, rarest category first.
     """
     frequent_sibling = {(e["family"], e["set"]): e["id"] for e in plan if e["bucket"] == "f"}
     bucket = {e["id"]: e["bucket"] for e in plan}
-    family = {e["id"]: (e["family"], e["set"]) for e in plan}
+    sibling_group = {e["id"]: (e["family"], e["set"]) for e in plan}
     order = sorted(targets, key=lambda cid: (targets[cid], cid))
     rank = {cid: r for r, cid in enumerate(order)}
     images: List[Set[int]] = [set() for _ in range(num_images)]
@@ -674,7 +675,7 @@ def assign_categories(rng: np.random.Generator, plan: Sequence[dict], targets: D
         for i in sorted(eligible[int(p)] for p in picks):
             add(i, cid)
             if bucket[cid] != "f" and rng.random() < cfg.sibling_cooccurrence:
-                sib = frequent_sibling[family[cid]]
+                sib = frequent_sibling[sibling_group[cid]]
                 if sib not in images[i] and len(images[i]) < cap:
                     add(i, sib)
 
