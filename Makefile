@@ -14,7 +14,7 @@ DEMO_CONFIG ?= configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml
 DEMO_OUTPUT ?= output/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast benchmark benchmark-sampling benchmark-loce benchmark-bags benchmark-memory benchmark-overhead benchmark-eval clean
+.PHONY: setup demo test test-main test-fast benchmark benchmark-sampling benchmark-loce benchmark-bags benchmark-memory benchmark-overhead benchmark-eval clean
 
 setup:
 	VENV=$(abspath $(VENV)) LONGTAIL_D2=$(LONGTAIL_D2) bash scripts/bootstrap.sh
@@ -24,6 +24,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The suite again with detectron2's upstream main first on PYTHONPATH (the sources vendored in
+# ../shared/vendor, no network; see its README). CI runs it after `make test`.
+D2_MAIN_WRAPPER ?= ../shared/vendor/with-detectron2-main.sh
+MAIN_PYTEST_ARGS ?=
+test-main: setup
+	@test -f $(D2_MAIN_WRAPPER) || { echo "test-main: $(D2_MAIN_WRAPPER) not found (set D2_MAIN_WRAPPER to upstream's vendored sources' wrapper)"; exit 2; }
+	bash $(D2_MAIN_WRAPPER) $(PY) -c "import detectron2.modeling.roi_heads.fast_rcnn as f, inspect; assert 'use_fed_loss' in inspect.signature(f.FastRCNNOutputLayers.__init__).parameters, 'not detectron2 main'; print('detectron2 main from', f.__file__)"
+	bash $(D2_MAIN_WRAPPER) $(PY) -m pytest $(MAIN_PYTEST_ARGS)
 
 # The suite without the end-to-end training tests (seconds instead of minutes).
 test-fast: setup

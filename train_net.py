@@ -27,6 +27,7 @@ from detectron2.utils.logger import setup_logger
 
 import longtail
 from longtail import Trainer, add_longtail_config, launch
+from longtail.memory import object_memories
 
 logger = logging.getLogger("longtail")
 
@@ -118,6 +119,13 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
+        # object memories are training state: inference builds their layout, never their rings
+        memories = object_memories(model)
+        logger.info(
+            "Long-tail state: %d bytes of object memory allocated for inference (%d memory "
+            "module(s), allocated only when training)",
+            sum(m.nbytes() for m in memories), len(memories),
+        )
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )

@@ -72,7 +72,7 @@ def main(argv=None):
     from detectron2.utils.visualizer import Visualizer
 
     import longtail  # noqa: F401  (registers the embedded dataset)
-    from longtail.datasets import prepare_datasets
+    from longtail.datasets import FREQUENCY, prepare_datasets
     from longtail.evaluation import LVISGroundTruth, check_results, load_results_json
 
     logger = setup_logger(name="longtail")
@@ -89,9 +89,9 @@ def main(argv=None):
 
     keep_classes = None
     if args.frequency:
-        freq = metadata.get("class_frequency", None)
+        freq = metadata.get(FREQUENCY, None)
         if freq is None:
-            raise SystemExit(f"{args.dataset} has no class_frequency metadata for --frequency.")
+            raise SystemExit(f"{args.dataset} has no r/c/f frequency metadata (longtail_class_frequency) for --frequency.")
         keep_classes = {i for i, f in enumerate(freq) if f in args.frequency}
 
     dicts = DatasetCatalog.get(args.dataset)

@@ -3,7 +3,10 @@ import json
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from longtail.datasets import class_stats_from_json, prepare_datasets
+from longtail.datasets import (
+    FREQUENCY, IMAGE_COUNT, INSTANCE_COUNT, NUM_TRAIN_IMAGES, class_stats_from_json,
+    prepare_datasets,
+)
 from longtail.synthetic import lvis_frequency
 
 
@@ -19,14 +22,16 @@ def test_synthetic_metadata_attached():
         data = json.load(f)
     cats = sorted(data["categories"], key=lambda c: c["id"])
     assert train.thing_classes == [c["name"] for c in cats]
-    assert train.class_image_count == [c["image_count"] for c in cats]
-    assert train.class_instance_count == [c["instance_count"] for c in cats]
-    assert train.class_frequency == [c["frequency"] for c in cats]
+    assert train.get(IMAGE_COUNT) == [c["image_count"] for c in cats]
+    assert train.get(INSTANCE_COUNT) == [c["instance_count"] for c in cats]
+    assert train.get(FREQUENCY) == [c["frequency"] for c in cats]
+    # detectron2 main's format of its own key (its federated loss reads it)
+    assert train.class_image_count == [{"id": c["id"], "image_count": c["image_count"]} for c in cats]
     assert train.evaluator_type == "lvis"
     # val carries the *training* statistics, as LVIS val does
-    assert val.class_image_count == train.class_image_count
+    assert val.get(IMAGE_COUNT) == train.get(IMAGE_COUNT)
     dicts = DatasetCatalog.get("longtail_synth_mini_train")
-    assert len(dicts) == train.num_train_images
+    assert len(dicts) == train.get(NUM_TRAIN_IMAGES)
     assert {a["category_id"] for d in dicts for a in d["annotations"]} <= set(range(len(cats)))
 
 

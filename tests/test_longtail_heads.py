@@ -11,6 +11,7 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from longtail import Trainer, add_longtail_config
+from longtail.datasets import FREQUENCY, INSTANCE_COUNT
 from longtail.equilibrium import equilibrium_loss, update_mean_scores
 from longtail.predictor import dense_group_ids
 
@@ -152,7 +153,7 @@ def test_bags_predictor_layout_and_inference():
     model = Trainer.build_model(cfg)
     pred = model.roi_heads.box_predictor
     C = pred.num_classes
-    counts = MetadataCatalog.get(MINI[0]).class_instance_count
+    counts = MetadataCatalog.get(MINI[0]).get(INSTANCE_COUNT)
     groups = sum(1 for lo, hi in ((0, 10), (10, 100), (100, 1000), (1000, 10**9))
                  if any(lo <= c < hi for c in counts))
     assert pred.cls_score.out_features == C + 2 + groups
@@ -178,7 +179,7 @@ def test_bags_predictor_layout_and_inference():
 
 def test_bad_configuration_fails_at_build_time():
     MetadataCatalog.get("longtail_test_no_meta").set(evaluator_type="lvis")
-    for loss, key in (("ebl", "class_frequency"), ("bags", "class_instance_count")):
+    for loss, key in (("ebl", FREQUENCY), ("bags", INSTANCE_COUNT)):
         cfg = make_cfg(loss)
         cfg.DATASETS.TRAIN = ("longtail_test_no_meta",)
         from detectron2.modeling import build_model

@@ -12,6 +12,7 @@ from detectron2.utils.events import EventStorage
 
 from longtail import Trainer, add_longtail_config
 from longtail.checkpoint import LongTailCheckpointer, process_state_path
+from longtail.datasets import IMAGE_COUNT
 from longtail.equilibrium import memory_score_entries, update_mean_scores
 from longtail.hooks import build_memory_init_loader, run_memory_init_pass
 from longtail.layers import CosineClassifier
@@ -378,7 +379,7 @@ def test_rio_training_step_replays_and_pushes():
     cfg = make_cfg()
     model = Trainer.build_model(cfg)
     heads = model.roi_heads
-    counts = MetadataCatalog.get(MINI[0]).class_image_count
+    counts = MetadataCatalog.get(MINI[0]).get(IMAGE_COUNT)
     assert heads.memory.classes == [c for c, n in enumerate(counts) if n <= 30]
     assert isinstance(heads.box_predictor.cls_score, CosineClassifier)
     data = batch_of(cfg)
@@ -496,7 +497,7 @@ def test_bad_memory_configuration_fails_at_build_time():
     MetadataCatalog.get("longtail_test_memory_no_meta").set(evaluator_type="lvis")
     cfg = make_cfg()
     cfg.DATASETS.TRAIN = ("longtail_test_memory_no_meta",)
-    with pytest.raises(ValueError, match="class_image_count"):
+    with pytest.raises(ValueError, match=IMAGE_COUNT):
         build_model(cfg)
     cfg = make_cfg(**{"MODEL.MEMORY.RIO.CACHE_MAX_IMAGE_COUNT": 0})
     with pytest.raises(ValueError, match="CACHE_MAX_IMAGE_COUNT"):
@@ -543,7 +544,7 @@ def test_init_pass_fills_every_class_and_changes_no_parameter():
     model = Trainer.build_model(cfg)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     loader = build_memory_init_loader(cfg)
-    counts = MetadataCatalog.get(MINI[0]).class_image_count
+    counts = MetadataCatalog.get(MINI[0]).get(IMAGE_COUNT)
     with_images = [c for c, n in enumerate(counts) if n > 0]
     assert len(loader.sampler) == 2 * len(with_images)  # 1 image per class and VGPU, 2 VGPUs
     steps = run_memory_init_pass(model, loader)

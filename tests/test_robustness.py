@@ -212,12 +212,18 @@ def test_category_ids_missing_from_categories_fail_naming_them(tmp_path):
     assert "[7, 9]" in str(err.value) and str(path) in str(err.value)
 
 
-def test_memory_that_cannot_fit_is_refused_with_the_numbers():
+def test_memory_that_cannot_fit_is_refused_with_the_numbers(tmp_path):
     from detectron2.modeling import build_model
 
     cfg = make_cfg(**{"MODEL.MEMORY.CAPACITY": 10**9})
+    cfg.OUTPUT_DIR = str(tmp_path)
+    # building it (e.g. for --eval-only) allocates nothing, so it does not fail there ...
+    model = build_model(cfg)
+    assert model.roi_heads.memory.nbytes() == 0
+    assert model.roi_heads.memory.planned_bytes() > 10**9 * 1024
+    # ... but training refuses it before the first iteration
     with pytest.raises(MemoryError) as err:
-        build_model(cfg)
+        Trainer(cfg)
     msg = str(err.value)
     assert "MiB" in msg and "available" in msg and "MODEL.MEMORY.CAPACITY" in msg
 
@@ -228,6 +234,7 @@ def test_long_tail_state_footprint_is_logged(caplog):
     with caplog.at_level(logging.INFO):
         build_model(make_cfg())
     assert "Long-tail state: object memory (rio)" in caplog.text
+    assert "allocated when training starts" in caplog.text
     assert "Long-tail state: LOCE mean scores" in caplog.text
 
 

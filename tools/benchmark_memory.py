@@ -32,6 +32,7 @@ from detectron2.utils.events import EventStorage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from longtail.datasets import IMAGE_COUNT  # noqa: E402
 from longtail.freeze import freeze_except  # noqa: E402
 from longtail.memory import ObjectMemory, memory_bytes  # noqa: E402
 from tools.benchmark_overhead import DATASET, LOCE_STAGE2, batch, make_cfg, register_metadata, sync  # noqa: E402
@@ -49,8 +50,8 @@ def register_image_counts(seed=0):
     for lo, hi, n in ranges:
         counts += torch.randint(lo, hi, (n,), generator=g).tolist()
     meta = MetadataCatalog.get(DATASET)
-    if meta.get("class_image_count", None) is None:
-        meta.set(class_image_count=counts)
+    if meta.get(IMAGE_COUNT, None) is None:
+        meta.set(**{IMAGE_COUNT: counts})
 
 
 def variant_cfg(name, device):

@@ -25,6 +25,7 @@ from detectron2.utils.events import EventStorage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from longtail import add_longtail_config  # noqa: E402
+from longtail.datasets import FREQUENCY, INSTANCE_COUNT  # noqa: E402
 from longtail.freeze import freeze_except  # noqa: E402
 from tools.benchmark_runs import machine  # noqa: E402
 from tools.benchmarks_md import replace_section  # noqa: E402
@@ -41,8 +42,8 @@ def register_metadata(seed=0):
     hi = {"r": 30, "c": 600, "f": 50000}
     counts = [int(torch.randint(lo[f], hi[f], (1,), generator=g)) for f in freq]
     meta = MetadataCatalog.get(DATASET)
-    if meta.get("class_instance_count", None) is None:
-        meta.set(class_frequency=freq, class_instance_count=counts, evaluator_type="lvis")
+    if meta.get(INSTANCE_COUNT, None) is None:
+        meta.set(**{FREQUENCY: freq, INSTANCE_COUNT: counts}, evaluator_type="lvis")
 
 
 def make_cfg(cls_loss, trainable, mask_on, device):

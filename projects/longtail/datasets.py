@@ -4,26 +4,41 @@ Registered on import:
 
 * ``longtail_synth_train`` / ``longtail_synth_val``: the embedded synthetic long-tailed dataset
   (LVIS v1 format, generated on first use under ``$DETECTRON2_DATASETS/longtail_synth``, see
-  :mod:`longtail.synthetic`), and ``longtail_synth_mini_{train,val}``, a small copy for tests.
+  :mod:`longtail.synthetic`), ``longtail_synth_mini_{train,val}`` (a small copy for tests) and
+  ``longtail_synth_large_{train,val}`` (the benchmark's GPU size).
 * detectron2 registers LVIS v0.5 / v1 itself (``lvis_v1_train`` ...); this module only tells it
-  where their class statistics come from (the train json of the same version).
+  where their class statistics come from (the train json of the same version) and loads them
+  through :func:`load_checked`.
 
-:func:`prepare_datasets` is called before the model is built. For each dataset it checks that the
-files exist (failing with a message that names the path and how to get the data), generates the
-synthetic data if needed, and attaches to ``MetadataCatalog`` (``C`` = number of classes, index =
-contiguous class id = LVIS category id - 1):
+:func:`prepare_datasets` is called before the model is built. For each dataset it makes the files
+exist (a dataset's metadata may carry ``longtail_prepare``, a zero-argument callable that
+generates them, as the synthetic datasets do), checks that they exist (failing with a message that
+names the path and how to get the data), and attaches to ``MetadataCatalog`` the statistics of
+the training json named by the dataset's ``class_stats_source`` (``C`` = number of classes,
+index = contiguous class id = LVIS category id - 1). The project keeps them under its own keys,
+so that they never collide with what detectron2 itself puts in the metadata:
 
-* ``thing_classes``: [C] names;
-* ``class_image_count``: [C] number of training images containing the class;
-* ``class_instance_count``: [C] number of training instances;
-* ``class_frequency``: [C] "r" / "c" / "f" (LVIS: 1-10 / 11-100 / >100 training images);
-* ``num_train_images``: number of training images; ``evaluator_type = "lvis"``.
+* ``thing_classes``: [C] names (left as they are when detectron2 set them);
+* ``longtail_class_image_count`` (:data:`IMAGE_COUNT`): [C] training images containing the class;
+* ``longtail_class_instance_count`` (:data:`INSTANCE_COUNT`): [C] training instances;
+* ``longtail_class_frequency`` (:data:`FREQUENCY`): [C] "r" / "c" / "f" (the json's
+  ``frequency`` when it has one, else LVIS's rule: 1-10 / 11-100 / >100 training images);
+* ``longtail_num_train_images`` (:data:`NUM_TRAIN_IMAGES`): training images with annotations;
+* ``class_image_count``: detectron2's own key, in upstream's format (a list of
+  ``{"id": category id, "image_count": n}``; upstream's federated loss reads it). Upstream main
+  pre-fills it for ``lvis_v1_*`` with the real LVIS counts and refuses another value, so it is
+  only set where it is missing.
+
+Counts are taken from the annotations that survive loading (boxes with positive width and height,
+:func:`clean_records`). Every json is parsed once per process: the statistics are a by-product of
+the same parse that loads the records (:func:`load_checked`), and are cached by file.
 """
+import contextlib
 import json
 import logging
 import os
-from functools import lru_cache
-from typing import Dict, Iterable
+import threading
+from typing import Dict, Iterable, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.lvis import load_lvis_json
@@ -32,15 +47,28 @@ from . import synthetic
 
 __all__ = [
     "SYNTHETIC_DATASETS",
+    "IMAGE_COUNT",
+    "INSTANCE_COUNT",
+    "FREQUENCY",
+    "NUM_TRAIN_IMAGES",
     "validate_lvis_json",
     "clean_records",
     "load_checked",
     "register_synthetic",
+    "prepare_files",
     "prepare_datasets",
     "class_stats_from_json",
+    "train_metadata",
+    "json_parse_count",
 ]
 
 logger = logging.getLogger(__name__)
+
+# the project's metadata keys (module docstring)
+IMAGE_COUNT = "longtail_class_image_count"
+INSTANCE_COUNT = "longtail_class_instance_count"
+FREQUENCY = "longtail_class_frequency"
+NUM_TRAIN_IMAGES = "longtail_num_train_images"
 
 # name prefix -> generator configuration
 SYNTHETIC_DATASETS: Dict[str, synthetic.SyntheticConfig] = {
@@ -71,16 +99,64 @@ def _datasets_root() -> str:
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
-@lru_cache(maxsize=16)
-def validate_lvis_json(json_file: str) -> int:
-    """
-    Check that every annotation's ``category_id`` is among the json's ``categories`` and that the
-    category ids are contiguous ``1..C`` (the LVIS convention the label mapping relies on).
-    Raises ValueError naming the file and the offending ids; returns C.
-    """
+# ------------------------------------------------------------------------------------------------
+# One parse per json and process
+# ------------------------------------------------------------------------------------------------
+_STATS_CACHE: Dict[Tuple, Dict] = {}
+_PARSE_COUNT: Dict[str, int] = {}
+_LOCK = threading.Lock()
+
+
+def _file_key(json_file: str) -> Tuple:
+    st = os.stat(json_file)
+    return (os.path.realpath(json_file), st.st_mtime_ns, st.st_size)
+
+
+def _parse(json_file: str) -> Dict:
     with open(json_file) as f:
         data = json.load(f)
-    return _check_category_ids(data, json_file)
+    path = os.path.realpath(json_file)
+    _PARSE_COUNT[path] = _PARSE_COUNT.get(path, 0) + 1
+    if not isinstance(data, dict) or "categories" not in data or "annotations" not in data:
+        raise ValueError(
+            f"{json_file}: not an LVIS/COCO instances json (needs 'images', 'annotations' and "
+            "'categories' at the top level)."
+        )
+    return data
+
+
+def json_parse_count(json_file: str) -> int:
+    """How many times this process parsed ``json_file`` (for tests and start-up logs)."""
+    return _PARSE_COUNT.get(os.path.realpath(json_file), 0)
+
+
+@contextlib.contextmanager
+def _lvis_api_reads(json_file: str, data: Dict):
+    """
+    detectron2's ``load_lvis_json`` (v0.6 and main) builds ``lvis.LVIS(json_file)``, which parses
+    the file again. Within this context the LVIS API is handed ``data``, the dict this module
+    already parsed from ``json_file``, instead; any other path is read from disk as usual.
+    """
+    from lvis import LVIS
+
+    target = os.path.realpath(json_file)
+    original = LVIS._load_json
+
+    def load(api, path):
+        return data if os.path.realpath(path) == target else original(api, path)
+
+    with _LOCK:
+        LVIS._load_json = load
+        try:
+            yield
+        finally:
+            LVIS._load_json = original
+
+
+def _valid_box(ann: Dict) -> bool:
+    """Annotations whose box has positive width and height (the ones loading keeps)."""
+    bbox = ann.get("bbox")
+    return bbox is not None and len(bbox) == 4 and bbox[2] > 0 and bbox[3] > 0
 
 
 def _check_category_ids(data: Dict, json_file: str) -> int:
@@ -104,15 +180,75 @@ def _check_category_ids(data: Dict, json_file: str) -> int:
     return len(ids)
 
 
+def _class_stats(data: Dict, json_file: str) -> Dict:
+    """Statistics (module docstring) of a parsed json whose category ids were checked."""
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    num_classes = len(cats)
+    image_sets = [set() for _ in range(num_classes)]
+    instance_count = [0] * num_classes
+    images = set()
+    for ann in data["annotations"]:
+        if not _valid_box(ann):
+            continue
+        c = ann["category_id"] - 1
+        image_sets[c].add(ann["image_id"])
+        instance_count[c] += 1
+        images.add(ann["image_id"])
+    image_count = [len(s) for s in image_sets]
+    frequency = [
+        c.get("frequency") or synthetic.lvis_frequency(n) for c, n in zip(cats, image_count)
+    ]
+    return {
+        "thing_classes": [c["name"] for c in cats],
+        IMAGE_COUNT: image_count,
+        INSTANCE_COUNT: instance_count,
+        FREQUENCY: frequency,
+        NUM_TRAIN_IMAGES: len(images),
+    }
+
+
+def _stats_of_parsed(data: Dict, json_file: str) -> Dict:
+    key = _file_key(json_file)
+    stats = _STATS_CACHE.get(key)
+    if stats is None:
+        _check_category_ids(data, json_file)
+        stats = _STATS_CACHE[key] = _class_stats(data, json_file)
+    return stats
+
+
+def validate_lvis_json(json_file: str) -> int:
+    """
+    Check that every annotation's ``category_id`` is among the json's ``categories`` and that the
+    category ids are contiguous ``1..C`` (the LVIS convention the label mapping relies on).
+    Raises ValueError naming the file and the offending ids; returns C.
+    """
+    return len(class_stats_from_json(json_file)["thing_classes"])
+
+
+def class_stats_from_json(json_file: str) -> Dict:
+    """
+    Per-class statistics of an LVIS-format training json, keyed by the metadata keys they are
+    stored under (module docstring). Categories sorted by id, contiguous ids 1..C required
+    (ValueError naming the file otherwise). Cached per file: a json that :func:`load_checked`
+    already loaded is not parsed again.
+    """
+    key = _file_key(json_file)
+    stats = _STATS_CACHE.get(key)
+    if stats is None:
+        stats = _stats_of_parsed(_parse(json_file), json_file)
+    return stats
+
+
 def clean_records(records, dataset_name: str):
     """
     Drop annotations with a degenerate box (width or height <= 0) and log how many; detectron2
-    would otherwise carry them to the mapper, which silently removes the empty boxes later.
+    would otherwise carry them to the mapper, which silently removes the empty boxes later. The
+    class statistics count the same annotations (:func:`_valid_box`).
     """
     dropped = 0
     for record in records:
         anns = record.get("annotations", [])
-        keep = [a for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        keep = [a for a in anns if _valid_box(a)]
         dropped += len(anns) - len(keep)
         if len(keep) != len(anns):
             record["annotations"] = keep
@@ -125,13 +261,46 @@ def clean_records(records, dataset_name: str):
 
 
 def load_checked(json_file: str, image_root: str, dataset_name: str):
-    """``load_lvis_json`` after :func:`validate_lvis_json`, then :func:`clean_records`."""
-    validate_lvis_json(json_file)
+    """
+    detectron2's ``load_lvis_json`` on one parse of ``json_file`` that also validates the category
+    ids and caches the class statistics (:func:`class_stats_from_json`), then
+    :func:`clean_records`.
+    """
+    data = _parse(json_file)
+    _stats_of_parsed(data, json_file)
     # detectron2 attaches its built-in LVIS metadata when given an LVIS dataset name
     lvis_name = dataset_name if dataset_name.startswith("lvis_") else None
-    return clean_records(load_lvis_json(json_file, image_root, lvis_name), dataset_name)
+    with _lvis_api_reads(json_file, data):
+        records = load_lvis_json(json_file, image_root, lvis_name)
+    del data
+    return clean_records(records, dataset_name)
 
 
+def train_metadata(cfg, key: str, what: str, needed_by: str):
+    """
+    Metadata ``key`` of the training dataset(s) ``cfg.DATASETS.TRAIN`` (all of them must agree),
+    or a ValueError that names ``needed_by`` (the config key that needs it) and how to provide it.
+    """
+    names = cfg.DATASETS.TRAIN
+    values = [MetadataCatalog.get(n).get(key, None) for n in names]
+    missing = [n for n, v in zip(names, values) if v is None]
+    if missing or not names:
+        raise ValueError(
+            f"{needed_by} needs {what} (metadata '{key}') of the training dataset(s) "
+            f"DATASETS.TRAIN={tuple(names)}; missing for {missing or names}. LVIS-format datasets "
+            "get it from longtail.datasets.prepare_datasets (run by the Trainer) when their "
+            "metadata names the training json ('class_stats_source', see "
+            f"longtail/datasets.py); otherwise set MetadataCatalog.get(name).{key} = [...] (one "
+            "entry per class) before building."
+        )
+    if len(values) > 1 and any(v != values[0] for v in values[1:]):
+        raise ValueError(f"DATASETS.TRAIN {tuple(names)} disagree on metadata '{key}'.")
+    return values[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration
+# ------------------------------------------------------------------------------------------------
 def _load_synthetic(name: str, split: str, root: str, gen_cfg: synthetic.SyntheticConfig):
     paths = synthetic.ensure_dataset(root, gen_cfg)
     return load_checked(paths[f"{split}_json"], paths["image_root"], f"{name}_{split}")
@@ -149,8 +318,8 @@ def register_synthetic(name: str, gen_cfg: synthetic.SyntheticConfig, root: str)
             json_file=os.path.join(root, "annotations", f"lvis_synth_{split}.json"),
             image_root=root + "/",
             evaluator_type="lvis",
-            synthetic_root=root,
             class_stats_source=f"{name}_train",
+            longtail_prepare=lambda: synthetic.ensure_dataset(root, gen_cfg),
         )
 
 
@@ -175,42 +344,9 @@ def _link_lvis_stats_sources() -> None:
                     )
 
 
-@lru_cache(maxsize=8)
-def class_stats_from_json(json_file: str) -> Dict:
-    """
-    Per-class statistics of an LVIS-format training json (categories sorted by id, contiguous
-    ids 1..C required). Counts come from the annotations; ``frequency`` from the json when it has
-    one, else from the image counts.
-    """
-    with open(json_file) as f:
-        data = json.load(f)
-    _check_category_ids(data, json_file)
-    cats = sorted(data["categories"], key=lambda c: c["id"])
-    num_classes = len(cats)
-    image_sets = [set() for _ in range(num_classes)]
-    instance_count = [0] * num_classes
-    for ann in data["annotations"]:
-        c = ann["category_id"] - 1
-        if not 0 <= c < num_classes:
-            raise ValueError(
-                f"{json_file}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
-                f"which is not among the {num_classes} categories."
-            )
-        image_sets[c].add(ann["image_id"])
-        instance_count[c] += 1
-    image_count = [len(s) for s in image_sets]
-    frequency = [
-        c.get("frequency") or synthetic.lvis_frequency(n) for c, n in zip(cats, image_count)
-    ]
-    return {
-        "thing_classes": [c["name"] for c in cats],
-        "class_image_count": image_count,
-        "class_instance_count": instance_count,
-        "class_frequency": frequency,
-        "num_train_images": len({a["image_id"] for a in data["annotations"]}),
-    }
-
-
+# ------------------------------------------------------------------------------------------------
+# Preparation before the model is built
+# ------------------------------------------------------------------------------------------------
 def _check_exists(dataset_name: str, what: str, path: str) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -221,11 +357,9 @@ def _check_exists(dataset_name: str, what: str, path: str) -> None:
 
 def _prepare_files(dataset_name: str) -> None:
     meta = MetadataCatalog.get(dataset_name)
-    root = meta.get("synthetic_root", None)
-    if root is not None:
-        prefix = meta.class_stats_source[: -len("_train")]
-        synthetic.ensure_dataset(root, SYNTHETIC_DATASETS.get(prefix, synthetic.SyntheticConfig()))
-        return
+    prepare = meta.get("longtail_prepare", None)
+    if prepare is not None:
+        prepare()
     json_file = meta.get("json_file", None)
     if json_file is not None:
         _check_exists(dataset_name, "annotation file", json_file)
@@ -234,7 +368,33 @@ def _prepare_files(dataset_name: str) -> None:
         _check_exists(dataset_name, "image directory", image_root)
 
 
-def prepare_datasets(dataset_names: Iterable[str], num_classes: int = None) -> None:
+def prepare_files(dataset_names: Iterable[str]) -> None:
+    """Make the datasets' files exist (generating them where the metadata says how) and check
+    them, without reading any json (:func:`prepare_datasets` also attaches the statistics)."""
+    for name in dataset_names:
+        _prepare_files(name)
+
+
+def _attach(meta, stats: Dict) -> None:
+    values = {k: v for k, v in stats.items() if k != "thing_classes"}
+    if meta.get("thing_classes", None) is None:
+        values["thing_classes"] = stats["thing_classes"]
+    if meta.get("class_image_count", None) is None:
+        # detectron2 main's format (its federated loss reads it); ids are 1..C
+        values["class_image_count"] = [
+            {"id": i + 1, "image_count": n} for i, n in enumerate(stats[IMAGE_COUNT])
+        ]
+    for key, value in values.items():
+        if meta.get(key, None) is None:
+            meta.set(**{key: value})
+        elif meta.get(key) != value and key != "class_image_count":
+            raise ValueError(
+                f"Dataset {meta.name!r}: metadata '{key}' was already set to other values than "
+                "its training json gives; remove the earlier MetadataCatalog.set."
+            )
+
+
+def prepare_datasets(dataset_names: Iterable[str], num_classes: Optional[int] = None) -> None:
     """
     Make the datasets usable (see module docstring) and attach their class statistics.
 
@@ -246,7 +406,7 @@ def prepare_datasets(dataset_names: Iterable[str], num_classes: int = None) -> N
     registered = set(DatasetCatalog.list())
     for name in dataset_names:
         if name not in registered:
-            lt = sorted(n for n in registered if n.startswith(("longtail_", "lvis_")))
+            lt = sorted(n for n in registered if n.startswith(("longtail_", "lvis_", "rehearsal_")))
             raise KeyError(
                 f"Dataset {name!r} (DATASETS.TRAIN / DATASETS.TEST) is not registered. "
                 f"Long-tail datasets available: {', '.join(lt)}."
@@ -260,11 +420,7 @@ def prepare_datasets(dataset_names: Iterable[str], num_classes: int = None) -> N
             _prepare_files(source)
         stats_json = MetadataCatalog.get(source).json_file
         stats = class_stats_from_json(stats_json)
-        if meta.get("class_image_count", None) is None:
-            values = dict(stats)
-            if meta.get("thing_classes", None) is not None:
-                values.pop("thing_classes")
-            meta.set(**values)
+        _attach(meta, stats)
         if num_classes is not None and num_classes != len(stats["thing_classes"]):
             raise ValueError(
                 f"MODEL.ROI_HEADS.NUM_CLASSES is {num_classes} but dataset {name!r} has "
@@ -274,8 +430,8 @@ def prepare_datasets(dataset_names: Iterable[str], num_classes: int = None) -> N
         logger.info(
             "Dataset %s: %d classes (r/c/f = %d/%d/%d) from %s",
             name,
-            len(stats["class_frequency"]),
-            *(stats["class_frequency"].count(b) for b in "rcf"),
+            len(stats[FREQUENCY]),
+            *(stats[FREQUENCY].count(b) for b in "rcf"),
             stats_json,
         )
 

@@ -37,15 +37,61 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import LongTailCheckpointer
 from .data import ResumableBatchStream, build_resumable_loader
 from .state import install_nonfinite_guard
-from .datasets import prepare_datasets
+from .datasets import prepare_datasets, prepare_files
 from .evaluation import build_lvis_evaluator
 from .inference import enable_topk_per_class
 from .hooks import MemoryInitHook
+from .memory import object_memories
+from .predictor import LongTailFastRCNNOutputLayers
+from .roi_heads import LongTailROIHeads, check_trainable_for_memory
 from .freeze import freeze_except
-from .samplers import build_train_sampler
+from .samplers import build_train_sampler, check_batch_layout
 from .solver import build_optimizer
 
-__all__ = ["Trainer", "wrap_ddp", "AutocastTrainer", "build_step_trainer"]
+__all__ = [
+    "Trainer",
+    "wrap_ddp",
+    "AutocastTrainer",
+    "build_step_trainer",
+    "resolve_seed",
+    "load_train_dicts",
+    "set_model_seed",
+]
+
+
+def resolve_seed(cfg):
+    """
+    ``cfg`` with a non-negative ``SEED``: ``SEED < 0`` (detectron2's "random") draws one seed
+    shared by all processes, so the data stream, the BAGS draws and the memory draws of this run
+    are random yet consistent, and logged and saved in checkpoints (a resumed run continues with
+    it, :meth:`Trainer.load_state_dict`). A non-negative ``SEED`` is returned unchanged.
+    """
+    if cfg.SEED >= 0:
+        return cfg
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SEED = int(comm.shared_random_seed())
+    cfg.freeze()
+    logging.getLogger(__name__).info(
+        "SEED -1: this run draws with seed %d (saved in its checkpoints).", cfg.SEED
+    )
+    return cfg
+
+
+def load_train_dicts(cfg):
+    """The training records of ``cfg.DATASETS.TRAIN`` (files prepared first), as detectron2 loads
+    them for its training loader."""
+    prepare_files(list(cfg.DATASETS.TRAIN))
+    return get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    )
+
+
+def set_model_seed(model, seed: int) -> None:
+    """Give the model's seeded components (ROI heads, box predictor) the base seed ``seed``."""
+    for m in model.modules():
+        if isinstance(m, (LongTailROIHeads, LongTailFastRCNNOutputLayers)):
+            m.seed = int(seed)
 
 
 def wrap_ddp(model, device: str):
@@ -79,6 +125,9 @@ class AutocastTrainer(SimpleTrainer):
             losses = sum(loss_dict.values())
         self.optimizer.zero_grad()
         losses.backward()
+        after_backward = getattr(self, "after_backward", None)  # detectron2 main's hook
+        if after_backward is not None:
+            after_backward()
         self._write_metrics(loss_dict, data_time)
         self.optimizer.step()
 
@@ -104,10 +153,18 @@ class Trainer(DefaultTrainer):
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        cfg = resolve_seed(cfg)
+        check_batch_layout(cfg, comm.get_world_size())
+        # the training records, loaded once (one parse of the json, which also gives the class
+        # statistics build_model attaches) and shared by the loader and the MFS pass
+        self.train_dicts = load_train_dicts(cfg)
         model = self.build_model(cfg)
+        check_trainable_for_memory(cfg, model)
+        for memory in object_memories(model):
+            memory.allocate()  # before the first iteration, so a memory that does not fit fails now
         install_nonfinite_guard(model)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        data_loader = self.build_train_loader(cfg, self.train_dicts)
         model = wrap_ddp(model, cfg.MODEL.DEVICE)
         self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -129,7 +186,7 @@ class Trainer(DefaultTrainer):
         ret = super().build_hooks()
         cfg = self.cfg
         if cfg.MODEL.MEMORY.POLICY == "mfs" and cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS > 0:
-            ret.insert(0, MemoryInitHook(cfg))
+            ret.insert(0, MemoryInitHook(cfg, self.train_dicts))
         if not comm.is_main_process():
             period = cfg.SOLVER.CHECKPOINT_PERIOD
             ret.append(d2_hooks.PeriodicCheckpointer(self.checkpointer, period))
@@ -158,14 +215,12 @@ class Trainer(DefaultTrainer):
         # upstream saves it as "_trainer"
         if "_trainer" not in ret:
             ret["_trainer"] = self._trainer.state_dict()
-        stream = getattr(self._trainer.data_loader, "dataset", None)
-        if isinstance(stream, ResumableBatchStream):
-            ret["longtail_data_seed"] = stream.seed
+        ret["longtail_seed"] = int(self.cfg.SEED)
         return ret
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
-        seed = state_dict.pop("longtail_data_seed", None)
+        seed = state_dict.pop("longtail_seed", state_dict.pop("longtail_data_seed", None))
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict and "state_dict" not in DefaultTrainer.__dict__:  # v0.6
             self._trainer.load_state_dict(state_dict["_trainer"])
@@ -174,13 +229,17 @@ class Trainer(DefaultTrainer):
         if hasattr(self.scheduler, "get_lr"):
             for group, lr in zip(self._trainer.optimizer.param_groups, self.scheduler.get_lr()):
                 group["lr"] = lr
-        stream = getattr(self._trainer.data_loader, "dataset", None)
-        if seed is not None and isinstance(stream, ResumableBatchStream) and seed != stream.seed:
-            # SEED < 0 drew a new seed for this run: continue the interrupted run's stream
+        if seed is not None and int(seed) != self.cfg.SEED:
+            # SEED < 0 drew a new seed for this run: continue the interrupted run's (data stream,
+            # BAGS draws, memory draws)
             cfg = self.cfg.clone()
             cfg.defrost()
             cfg.SEED = int(seed)
-            self._trainer.data_loader = self.build_train_loader(cfg)
+            cfg.freeze()
+            self.cfg = cfg
+            self._trainer.data_loader = self.build_train_loader(cfg, self.train_dicts)
+            set_model_seed(self._trainer.model, cfg.SEED)
+            logging.getLogger(__name__).info("Resumed run: SEED %d of the interrupted run", cfg.SEED)
 
     @classmethod
     def build_model(cls, cfg):
@@ -199,19 +258,15 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
-    def build_train_loader(cls, cfg):
+    def build_train_loader(cls, cfg, dataset=None):
         """
         The project sampler (``DATALOADER.SAMPLER_TRAIN``) feeding a resumable, deterministic
-        batch stream (:mod:`longtail.data`). ``SEED < 0`` draws one seed shared by all processes
-        (saved in checkpoints, so a resumed run continues the same stream).
+        batch stream (:mod:`longtail.data`) over ``dataset`` (default: :func:`load_train_dicts`).
+        ``SEED < 0`` draws one seed shared by all processes (:func:`resolve_seed`).
         """
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-        )
-        if cfg.SEED < 0:
-            cfg = cfg.clone()
-            cfg.defrost()
-            cfg.SEED = comm.shared_random_seed()
+        if dataset is None:
+            dataset = load_train_dicts(cfg)
+        cfg = resolve_seed(cfg)
         sampler = build_train_sampler(cfg, dataset)
         return build_resumable_loader(
             dataset, DatasetMapper(cfg, True), sampler, cfg.SOLVER.IMS_PER_BATCH, cfg.SEED,

@@ -25,11 +25,13 @@ __all__ = ["MemoryInitHook", "build_memory_init_loader", "run_memory_init_pass"]
 logger = logging.getLogger(__name__)
 
 
-def build_memory_init_loader(cfg):
-    """One pass over this process's class-balanced images, in process batches (VGPU-ordered)."""
-    dataset = get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-    )
+def build_memory_init_loader(cfg, dataset=None):
+    """One pass over this process's class-balanced images, in process batches (VGPU-ordered).
+    ``dataset``: the training records (default: loaded from ``cfg.DATASETS.TRAIN``)."""
+    if dataset is None:
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
     sampler = class_balanced_stream(
         cfg, dataset, cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS, repeat=False
     )
@@ -65,15 +67,17 @@ def run_memory_init_pass(model, loader) -> int:
 class MemoryInitHook(HookBase):
     """Runs :func:`run_memory_init_pass` before training when the run starts at iteration 0."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, dataset=None):
+        """``dataset``: the trainer's training records (loaded again from the config if None)."""
         self.cfg = cfg.clone()
+        self.dataset = dataset
 
     def before_train(self):
         if self.trainer.iter > 0 or self.trainer.start_iter > 0:
             logger.info("MFS initialisation pass skipped: resumed run (memory from checkpoint).")
             return
         start = time.perf_counter()
-        loader = build_memory_init_loader(self.cfg)
+        loader = build_memory_init_loader(self.cfg, self.dataset)
         steps = run_memory_init_pass(self.trainer.model, loader)
         model = self.trainer.model
         inner = model.module if isinstance(model, DistributedDataParallel) else model

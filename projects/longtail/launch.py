@@ -90,6 +90,10 @@ def _cpu_worker(
     comm.synchronize()
     try:
         main_func(*args)
+        # every rank leaves together: a rank that tears its gloo group down while another is
+        # still in a collective makes that one abort ("terminate called without an active
+        # exception")
+        comm.synchronize()
     finally:
         dist.destroy_process_group()
 

@@ -60,6 +60,7 @@ __all__ = [
     "cached_classes_from_image_counts",
     "memory_bytes",
     "available_bytes",
+    "object_memories",
     "quantize_rows",
     "dequantize_rows",
 ]
@@ -336,6 +337,11 @@ def available_bytes(device) -> Optional[int]:
     return None
 
 
+def object_memories(model: nn.Module) -> list:
+    """Every :class:`ObjectMemory` in ``model`` (DistributedDataParallel or not)."""
+    return [m for m in model.modules() if isinstance(m, ObjectMemory)]
+
+
 # ------------------------------------------------------------------------------------------------
 # Module
 # ------------------------------------------------------------------------------------------------
@@ -391,7 +397,11 @@ class ObjectMemory(nn.Module):
         self.register_buffer("class_to_slot", slot, persistent=False)
         self.register_buffer("slot_to_class", torch.tensor(classes, dtype=torch.long), persistent=False)
         self.feature_numel = int(math.prod(self.feature_shape))
-        self._allocate()
+        # The rings are training state: they are allocated by :meth:`allocate` (the Trainer calls
+        # it before the first iteration; any step-time operation does it on first use), never
+        # for inference. Until then every tensor is empty and :meth:`nbytes` is 0.
+        self.allocated = False
+        self._set_storage(rows=0, groups=0)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -403,8 +413,38 @@ class ObjectMemory(nn.Module):
     def num_groups(self) -> int:
         return self.num_banks * self.num_slots
 
-    def _allocate(self) -> None:
-        rows = self.num_groups * self.capacity + 1  # + trash row
+    def planned_bytes(self) -> int:
+        """Bytes the rings take once allocated (:func:`memory_bytes`)."""
+        return memory_bytes(
+            self.num_banks, self.num_slots, self.capacity, self.feature_numel, self.storage_dtype
+        )
+
+    def allocate(self) -> None:
+        """
+        Preallocate the rings (zeroed) on the storage device, once. Raises MemoryError, naming
+        the config keys that shrink it, when they do not fit in the device's free memory.
+        """
+        if self.allocated:
+            return
+        need, free = self.planned_bytes(), available_bytes(self.storage_device)
+        if free is not None and need > free:
+            raise MemoryError(
+                f"The object memory ({self.extra_repr()}) needs {need / 2**20:.1f} MiB per "
+                f"process on {self.storage_device}, but {free / 2**20:.1f} MiB are available "
+                "there. Reduce MODEL.MEMORY.CAPACITY, store a smaller MODEL.MEMORY.DTYPE "
+                "('float16', 'int8'), move it with MODEL.MEMORY.DEVICE, or use fewer banks per "
+                "process (fewer images per process, or a larger MODEL.LONGTAIL.IMS_PER_VGPU)."
+            )
+        self._set_storage(rows=self.num_groups * self.capacity + 1, groups=self.num_groups)
+        self.allocated = True
+        logger.info(
+            "Long-tail state: object memory allocated, %.1f MiB on %s (%s available)",
+            self.nbytes() / 2**20, self.storage_device,
+            "unknown" if free is None else f"{free / 2**20:.0f} MiB",
+        )
+
+    def _set_storage(self, rows: int, groups: int) -> None:
+        # rows: groups * capacity + 1 (a trash row) when allocated, 0 before
         dev = self.storage_device
         # Plain attributes, not buffers: they stay on the storage device when the model moves,
         # and they are per-process state outside the model's state_dict (module docstring).
@@ -413,21 +453,23 @@ class ObjectMemory(nn.Module):
         n_scale = rows if self.storage_dtype == torch.int8 else 0
         self.scales = torch.zeros(n_scale, dtype=torch.float32, device=dev)
         self.boxes = torch.zeros(rows, 8, dtype=torch.float32, device=dev)
-        self.ptr = torch.zeros(self.num_groups, dtype=torch.long, device=dev)
-        self.fill = torch.zeros(self.num_groups, dtype=torch.long, device=dev)
+        self.ptr = torch.zeros(groups, dtype=torch.long, device=dev)
+        self.fill = torch.zeros(groups, dtype=torch.long, device=dev)
 
     def nbytes(self) -> int:
-        """Bytes held by the preallocated state."""
+        """Bytes held by the preallocated state (0 before :meth:`allocate`)."""
         tensors = (self.features, self.scales, self.boxes, self.ptr, self.fill)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def reset(self) -> None:
         """Empty every ring."""
+        self.allocate()
         self.ptr.zero_()
         self.fill.zero_()
 
     def process_state(self) -> Dict[str, torch.Tensor]:
         """This process's memory contents (for per-rank checkpoint files)."""
+        self.allocate()
         return {
             "features": self.features,
             "scales": self.scales,
@@ -440,6 +482,7 @@ class ObjectMemory(nn.Module):
 
     def load_process_state(self, state: Dict[str, torch.Tensor]) -> None:
         """Restore :meth:`process_state` output exactly (same sizes required)."""
+        self.allocate()
         expected = torch.tensor([self.num_banks, self.capacity, *self.feature_shape])
         if not torch.equal(state["shape"].cpu(), expected) or state["classes"].tolist() != self.classes:
             raise ValueError(
@@ -456,6 +499,7 @@ class ObjectMemory(nn.Module):
     # -- transactions (longtail.state) -------------------------------------------------------
     def begin_step(self) -> None:
         """Start recording this step's writes so that :meth:`rollback` can undo them."""
+        self.allocate()
         self._undo = {"ptr": self.ptr.clone(), "fill": self.fill.clone(), "writes": []}
 
     def rollback(self) -> None:
@@ -474,6 +518,7 @@ class ObjectMemory(nn.Module):
 
     def fill_counts(self) -> torch.Tensor:
         """[V, S] number of valid entries of every ring."""
+        self.allocate()
         return self.fill.view(self.num_banks, self.num_slots)
 
     # -- step-time operations ------------------------------------------------------------------
@@ -504,6 +549,7 @@ class ObjectMemory(nn.Module):
                 is computed from.
             valid (Tensor or None): [N] bool; False rows are skipped.
         """
+        self.allocate()
         groups = self._groups(labels.long(), chunk)
         if valid is not None:
             groups = torch.where(valid.to(groups.device), groups, torch.full_like(groups, -1))
@@ -570,6 +616,7 @@ class ObjectMemory(nn.Module):
         Returns:
             MemoryRows: all valid (``valid = None``), on ``labels.device``.
         """
+        self.allocate()
         device = labels.device
         groups = self._groups(labels.long(), chunk).to(self.storage_device)
         present = torch.zeros(self.num_groups + 1, dtype=torch.long, device=self.storage_device)
@@ -603,6 +650,7 @@ class ObjectMemory(nn.Module):
         Returns:
             MemoryRows on ``class_probs.device``; rows ordered bank-major, then draw, then entry.
         """
+        self.allocate()
         device = class_probs.device
         v, k, f, q = self.num_banks, num_classes, per_class, self.capacity
         # probabilities of classes without a ring are zeroed (MFS stores every class)
@@ -626,5 +674,5 @@ class ObjectMemory(nn.Module):
             f"banks={self.num_banks}, classes={self.num_slots}, capacity={self.capacity}, "
             f"feature_shape={self.feature_shape}, keep={self.keep!r}, "
             f"dtype={self.storage_dtype}, device={self.storage_device}, "
-            f"MiB={self.nbytes() / 2**20:.1f}"
+            f"MiB={self.planned_bytes() / 2**20:.1f}, allocated={self.allocated}"
         )

@@ -35,7 +35,6 @@ from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec, cat
 from detectron2.structures import Instances
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
@@ -46,6 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import bags
+from .datasets import FREQUENCY, INSTANCE_COUNT, train_metadata
 from .equilibrium import (
     MeanScoreTracker,
     chunk_mean,
@@ -62,7 +62,7 @@ __all__ = [
     "CLS_LAYERS",
     "chunk_index_of_rows",
     "dense_group_ids",
-    "train_metadata",
+    "refuse_upstream_loss_keys",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,22 +103,27 @@ def dense_group_ids(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys >= 0, dense, torch.full_like(dense, -1))
 
 
-def train_metadata(cfg, key: str, what: str, needed_by: str):
-    """Metadata ``key`` of the training dataset(s), or a ValueError naming ``needed_by``."""
-    names = cfg.DATASETS.TRAIN
-    values = [MetadataCatalog.get(n).get(key, None) for n in names]
-    missing = [n for n, v in zip(names, values) if v is None]
-    if missing or not names:
+# detectron2 main's own classification-loss switches of FastRCNNOutputLayers (absent in v0.6)
+UPSTREAM_LOSS_KEYS = ("USE_SIGMOID_CE", "USE_FED_LOSS")
+
+
+def refuse_upstream_loss_keys(cfg) -> None:
+    """
+    ``MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE`` / ``USE_FED_LOSS`` (detectron2 main) switch
+    ``FastRCNNOutputLayers`` to sigmoid CE / federated loss; this predictor replaces its loss and
+    its probabilities, so they could not take effect: refuse them, naming the way out.
+    """
+    head = cfg.MODEL.ROI_BOX_HEAD
+    on = [k for k in UPSTREAM_LOSS_KEYS if head.get(k, False)]
+    if on:
         raise ValueError(
-            f"{needed_by} needs {what} (metadata '{key}') of the training dataset(s) "
-            f"DATASETS.TRAIN={tuple(names)}; missing for {missing or names}. LVIS and "
-            "longtail_synth datasets get it from longtail.datasets.prepare_datasets (run by the "
-            f"Trainer); for another dataset set MetadataCatalog.get(name).{key} = [...] (one "
-            "entry per class) before building."
+            f"MODEL.ROI_BOX_HEAD.{' / '.join(on)} True is detectron2's own loss switch, which "
+            "the long-tail box predictor (MODEL.ROI_HEADS.NAME 'LongTailROIHeads') does not "
+            f"implement: its loss is MODEL.LONGTAIL.CLS_LOSS ({cfg.MODEL.LONGTAIL.CLS_LOSS!r}). "
+            f"Set {', '.join('MODEL.ROI_BOX_HEAD.' + k for k in on)} False, or use "
+            "detectron2's federated loss with MODEL.ROI_HEADS.NAME 'StandardROIHeads' "
+            "(detectron2 main only)."
         )
-    if len(values) > 1 and any(v != values[0] for v in values[1:]):
-        raise ValueError(f"DATASETS.TRAIN {tuple(names)} disagree on metadata '{key}'.")
-    return values[0]
 
 
 class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
@@ -204,6 +209,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
+        refuse_upstream_loss_keys(cfg)
         ret = super().from_config(cfg, input_shape)
         lt = cfg.MODEL.LONGTAIL
         ret.update(
@@ -219,7 +225,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         if lt.CLS_LOSS == "ebl":
             ret.update(
                 class_frequency=train_metadata(
-                    cfg, "class_frequency", "the r/c/f frequency", needed_by
+                    cfg, FREQUENCY, "the r/c/f frequency", needed_by
                 ),
                 loce_alpha=cfg.MODEL.LOCE.ALPHA,
                 loce_bg_score=cfg.MODEL.LOCE.BG_SCORE,
@@ -228,7 +234,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         if lt.CLS_LOSS == "bags":
             ret.update(
                 bags_instance_counts=train_metadata(
-                    cfg, "class_instance_count", "per-class training instance counts", needed_by
+                    cfg, INSTANCE_COUNT, "per-class training instance counts", needed_by
                 ),
                 bags_bin_edges=tuple(cfg.MODEL.BAGS.BIN_EDGES),
                 bags_others_ratio=cfg.MODEL.BAGS.OTHERS_SAMPLE_RATIO,

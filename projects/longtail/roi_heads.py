@@ -23,7 +23,6 @@ seeded by (``SEED``, rank, purpose, iteration): reproducible for a seed, differe
 and steps, and nothing to save for an exact resume.
 """
 import logging
-import math
 from typing import Dict, List, Optional
 
 import torch
@@ -35,18 +34,16 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from .memory import (
-    _DTYPES as _STORAGE_DTYPES,
     POLICIES,
     ObjectMemory,
-    available_bytes,
-    memory_bytes,
     cached_classes_from_image_counts,
     jitter_boxes,
     mfs_class_probabilities,
 )
-from .predictor import LongTailFastRCNNOutputLayers, num_chunks_of, train_metadata
+from .datasets import IMAGE_COUNT, train_metadata
+from .predictor import LongTailFastRCNNOutputLayers, num_chunks_of, refuse_upstream_loss_keys
 
-__all__ = ["LongTailROIHeads", "build_object_memory"]
+__all__ = ["LongTailROIHeads", "build_object_memory", "check_trainable_for_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +89,7 @@ def build_object_memory(cfg, box_head_shape, pooled_shape, predictor) -> Optiona
             classes = list(cfg.MODEL.MEMORY.RIO.CACHED_CLASSES)
         else:
             counts = train_metadata(
-                cfg, "class_image_count", "per-class training image counts",
+                cfg, IMAGE_COUNT, "per-class training image counts",
                 "MODEL.MEMORY.POLICY 'rio' (cached classes, MODEL.MEMORY.RIO.CACHE_MAX_IMAGE_COUNT)",
             )
             classes = cached_classes_from_image_counts(counts, mem.RIO.CACHE_MAX_IMAGE_COUNT)
@@ -119,32 +116,44 @@ def build_object_memory(cfg, box_head_shape, pooled_shape, predictor) -> Optiona
             f"MODEL.MEMORY.RIO.CACHED_CLASSES has indices {bad[:10]} outside 0..{num_classes - 1}."
         )
     device = mem.DEVICE or cfg.MODEL.DEVICE
-    if mem.DTYPE not in _STORAGE_DTYPES:
-        raise ValueError(f"MODEL.MEMORY.DTYPE={mem.DTYPE!r}; choose one of {sorted(_STORAGE_DTYPES)}.")
-    need = memory_bytes(
-        banks, len(classes), mem.CAPACITY, int(math.prod(feature_shape)), _STORAGE_DTYPES[mem.DTYPE]
-    )
-    free = available_bytes(device)
-    what = (
-        f"object memory ({policy}): {banks} bank(s) x {len(classes)} classes x {mem.CAPACITY} "
-        f"entries of {feature_shape} {mem.DTYPE} = {need / 2**20:.1f} MiB per process on {device}"
-    )
-    if free is not None and need > free:
-        raise MemoryError(
-            f"The {what} does not fit: {free / 2**20:.1f} MiB are available there. Reduce "
-            "MODEL.MEMORY.CAPACITY, store a smaller MODEL.MEMORY.DTYPE ('float16', 'int8'), "
-            "move it with MODEL.MEMORY.DEVICE, or use fewer banks per process (fewer images per "
-            "process, or a larger MODEL.LONGTAIL.IMS_PER_VGPU)."
-        )
     memory = ObjectMemory(
         num_classes, classes, banks, mem.CAPACITY, feature_shape, keep, mem.DTYPE, device
     )
     logger.info(
-        "Long-tail state: %s (%s available)%s",
-        what, "unknown" if free is None else f"{free / 2**20:.0f} MiB",
+        "Long-tail state: object memory (%s) of %d bank(s) x %d classes x %d entries of %s %s = "
+        "%.1f MiB per process on %s, allocated when training starts (never for inference)%s",
+        policy, banks, len(classes), mem.CAPACITY, feature_shape, mem.DTYPE,
+        memory.planned_bytes() / 2**20, device,
         "; saved beside every checkpoint, one file per process" if mem.CHECKPOINT else "",
     )
     return memory
+
+
+# MFS stores RoIAlign features of the backbone and runs them through the box head later: both
+# must be frozen for stored and fresh features to stay comparable (LOCE's stage 2)
+MFS_FROZEN_PREFIXES = ("backbone.", "roi_heads.box_head.")
+
+
+def check_trainable_for_memory(cfg, model) -> None:
+    """
+    Refuse ``MODEL.MEMORY.POLICY "mfs"`` when a parameter of the backbone or the box head trains
+    (MFS reuses stored pooled features, which assumes both are frozen). Call after
+    ``MODEL.LONGTAIL.TRAINABLE_PREFIXES`` was applied.
+    """
+    if cfg.MODEL.MEMORY.POLICY != "mfs":
+        return
+    moving = [
+        n for n, p in model.named_parameters()
+        if p.requires_grad and n.startswith(MFS_FROZEN_PREFIXES)
+    ]
+    if moving:
+        raise ValueError(
+            "MODEL.MEMORY.POLICY 'mfs' replays stored RoIAlign features through the box head, "
+            f"which needs the backbone and the box head frozen, but {len(moving)} of their "
+            f"parameter tensors train (e.g. {moving[:3]}). Set MODEL.LONGTAIL.TRAINABLE_PREFIXES "
+            "to what LOCE's stage 2 trains, e.g. ['proposal_generator.', "
+            "'roi_heads.box_predictor.', 'roi_heads.mask_head.']."
+        )
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -212,6 +221,8 @@ class LongTailROIHeads(StandardROIHeads):
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
+        # before detectron2 builds (and asserts on) its own predictor, which ours replaces
+        refuse_upstream_loss_keys(cfg)
         ret = super()._init_box_head(cfg, input_shape)
         ret["box_predictor"] = LongTailFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
         return ret
@@ -309,7 +320,8 @@ class LongTailROIHeads(StandardROIHeads):
             chunk = pred.chunk_index(proposals)
             memory_rows = self.memory.replay_recent(
                 labels, chunk, self.rio_replay_per_class,
-                self._generator(labels.device, _RNG_REPLAY), self.rio_random_select,
+                # the draws happen where the rings are (MODEL.MEMORY.DEVICE may differ)
+                self._generator(self.memory.storage_device, _RNG_REPLAY), self.rio_random_select,
             )  # before the push (RIO order)
             self.memory.push(
                 h, labels, chunk, cat([p.proposal_boxes.tensor for p in proposals]),

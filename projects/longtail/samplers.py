@@ -229,6 +229,33 @@ def process_vgpus(cfg):
     return list(range(rank * banks, (rank + 1) * banks)), per, world * banks
 
 
+def check_batch_layout(cfg, world_size: int) -> None:
+    """
+    Warn, loudly and with the numbers, when a process holds fewer images than
+    ``MODEL.LONGTAIL.IMS_PER_VGPU`` (or not a multiple of it): its VGPU chunks are then smaller
+    than the official per-GPU batch, which changes the method (RIO's 4-image memory banks and
+    replay, the per-GPU loss normalisers, LOCE's per-GPU queues), and say which ``--num-gpus``
+    reproduces the paper's layout.
+    """
+    per = cfg.MODEL.LONGTAIL.IMS_PER_VGPU
+    ims = cfg.SOLVER.IMS_PER_BATCH // max(world_size, 1)
+    if per <= 0 or ims % per == 0:
+        return
+    total = cfg.SOLVER.IMS_PER_BATCH
+    fix = (
+        f"run with --num-gpus {total // per} (or a SOLVER.IMS_PER_BATCH that is a multiple of "
+        f"{per * world_size} on {world_size} process(es))"
+        if total % per == 0 else f"use a SOLVER.IMS_PER_BATCH that is a multiple of {per * world_size}"
+    )
+    logger.warning(
+        "Batch layout differs from the method's: SOLVER.IMS_PER_BATCH %d over %d process(es) is "
+        "%d image(s) per process, not a multiple of MODEL.LONGTAIL.IMS_PER_VGPU %d, so a process "
+        "forms chunks of %d image(s) instead of the official %d-image GPU batches (memory banks, "
+        "replay and loss normalisers then see fewer images). To reproduce the paper's layout, %s.",
+        total, world_size, ims, per, min(ims, per) if ims < per else ims % per, per, fix,
+    )
+
+
 def class_balanced_stream(cfg, dataset_dicts, images_per_class: int, repeat: bool):
     """This process's :class:`ClassBalancedStream` for the config's batch layout."""
     mine, per, total = process_vgpus(cfg)
