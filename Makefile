@@ -68,5 +68,22 @@ benchmark-overhead: setup
 benchmark-eval: setup
 	$(PY) tools/benchmark_eval.py
 
+# The GPU check (tools/gpu_check.py): every LVIS v1 R50 config trained in fp32 and with AMP (fp16)
+# on one GPU, step-time ratios against RFS, peak memory, loss checks, eval speed; within an 8-min
+# budget. Writes the "GPU check" section of docs/benchmarks.md (CPU smoke version: --device cpu --tiny).
+.PHONY: gpu-check
+gpu-check: setup
+	$(PY) tools/gpu_check.py --device cuda --write-docs
+
+# Every LVIS config (v1 and v0.5, each method and stage, R50 / R101) at the real class count on the
+# generated LVIS rehearsal data (longtail.rehearsal): a few iterations with 2 CPU processes,
+# checkpoint, resume, evaluation, on detectron2 v0.6 and main (tools/lvis_rehearsal.py; resumable,
+# hours on 2 CPU cores). Writes the "LVIS rehearsal" section of docs/benchmarks.md.
+# LVIS_REHEARSAL_ARGS=--real-names: detectron2's own lvis_* names on the same data.
+LVIS_REHEARSAL_ARGS ?=
+.PHONY: lvis-rehearsal
+lvis-rehearsal: setup
+	$(PY) tools/lvis_rehearsal.py --d2 both $(LVIS_REHEARSAL_ARGS)
+
 clean:
 	rm -rf output .pytest_cache

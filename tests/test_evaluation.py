@@ -12,10 +12,12 @@ import torch
 from lvis import LVIS, LVISEval, LVISResults
 
 import longtail  # noqa: F401  (registers the datasets)
-from longtail.datasets import prepare_datasets
+from longtail.datasets import FREQUENCY, IMAGE_COUNT, INSTANCE_COUNT, prepare_datasets
+from longtail.detection_columns import max_per_group_pair
 from longtail.evaluation import (
     BACKENDS,
     METRICS,
+    DetectionColumns,
     LongTailLVISEvaluator,
     LVISGroundTruth,
     available_backends,
@@ -224,6 +226,20 @@ def test_backends_match_official_on_edge_cases(tmp_path, iou_type):
         assert res.per_category()[1] == 0.0
 
 
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_no_per_image_cap_reaches_every_backend(tmp_path, iou_type):
+    # image 4 keeps its > 300 detections: no backend may add a cap of its own (hotcoco caps a
+    # plain result set at 300 unless it is marked as capped)
+    gt_json, results = edge_case_dataset(tmp_path)
+    ref, _ = official(gt_json, results, iou_type, max_dets=-1)
+    ref_300, _ = official(gt_json, results, iou_type, max_dets=300)
+    assert abs(ref["AP"] - ref_300["AP"]) > 1e-3
+    gt = LVISGroundTruth(gt_json)
+    for backend in available_backends():
+        assert_close(evaluate_detections(gt, results, iou_type, backend, -1, -1).summary, ref,
+                     f"{backend} {iou_type} no cap")
+
+
 def test_fixed_ap_without_per_image_cap_sees_more_detections(tmp_path):
     gt_json, results = edge_case_dataset(tmp_path, seed=1)
     gt = LVISGroundTruth(gt_json)
@@ -231,6 +247,97 @@ def test_fixed_ap_without_per_image_cap_sees_more_detections(tmp_path):
     fixed = evaluate_detections(gt, results, "bbox", "lvis", -1, 10000)
     assert fixed.num_detections > std.num_detections
     assert fixed.summary["AP"] > std.summary["AP"]  # the crowded image is no longer cut
+
+
+# ------------------------------------------------------------------------------------------
+# The columnar selection and the shared columns
+# ------------------------------------------------------------------------------------------
+def reference_selection(results, iou_type, max_dets_per_image, max_dets_per_class):
+    """The selection rules written out with Python's stable sort (ties in input order)."""
+    idx = list(range(len(results)))
+
+    def top_k(idx, key, k):
+        groups = {}
+        for i in idx:
+            groups.setdefault(results[i][key], []).append(i)
+        kept = set()
+        for members in groups.values():
+            kept.update(sorted(members, key=lambda i: -results[i]["score"])[:k])
+        return [i for i in idx if i in kept]
+
+    if max_dets_per_class > 0:
+        idx = top_k(idx, "category_id", max_dets_per_class)
+    if max_dets_per_image > 0:
+        idx = top_k(idx, "image_id", max_dets_per_image)
+    if iou_type == "segm":
+        return [i for i in idx if mask_util.area(results[i]["segmentation"]) > 0]
+    return [i for i in idx if results[i]["bbox"][2] * results[i]["bbox"][3] > 0]
+
+
+@pytest.mark.parametrize("id_offset", [0, 10**12, -7])  # small ids: bincount; else a sort
+def test_columnar_selection_matches_the_rules(tmp_path, id_offset):
+    _, results = edge_case_dataset(tmp_path)
+    rng = np.random.default_rng(0)
+    results = [dict(r, image_id=r["image_id"] + id_offset, category_id=r["category_id"] + id_offset,
+                    score=round(r["score"], 1)) for r in results]  # many ties
+    for r in results[::17]:  # zero-area boxes
+        r["bbox"] = [r["bbox"][0], r["bbox"][1], 0.0, r["bbox"][3]]
+    rng.shuffle(results)
+    cols = DetectionColumns(results)
+    for iou_type in ("bbox", "segm"):
+        for caps in ((300, -1), (40, -1), (-1, 25), (30, 20), (-1, -1)):
+            want = reference_selection(results, iou_type, *caps)
+            assert cols.select(iou_type, *caps).tolist() == want, (iou_type, caps)
+            got = select_detections(results, iou_type, *caps)
+            assert got == [{k: v for k, v in results[i].items()
+                            if not (iou_type == "segm" and k == "bbox")} for i in want]
+            if caps == (40, -1):
+                assert len(want) < len(reference_selection(results, iou_type, -1, -1))
+
+
+def test_columnar_selection_drops_empty_masks_like_the_rules(mini_val_json):
+    results = perturbed_results(mini_val_json, seed=3)
+    want = reference_selection(results, "segm", 300, -1)
+    assert DetectionColumns(results).select("segm", 300).tolist() == want
+    assert len(want) < len(results)
+
+
+def test_columns_read_the_fields_once_and_check_them():
+    dets = [{"image_id": 3, "category_id": 1, "bbox": [0, 0, 2, 2], "score": 0.5},
+            {"image_id": 3, "category_id": 1, "bbox": [1, 1, 2, 2], "score": 0.7},
+            {"image_id": 4, "category_id": 2, "bbox": [1, 1, 2, 2], "score": 0.7}]
+    cols = DetectionColumns(dets)
+    assert cols.bbox() is cols.bbox() and cols.bbox().shape == (3, 4)
+    assert max_per_group_pair(cols.image_id, cols.category_id) == 2
+    assert max_per_group_pair(cols.image_id + 10**13, -cols.category_id) == 2  # sort path
+    assert max_per_group_pair(cols.image_id[:0], cols.category_id[:0]) == 0
+    with pytest.raises(ValueError, match="segmentation"):
+        DetectionColumns(dets).select("segm")
+    for bad in ([0, 0, 2], [0, 0, 2, 2, 5]):
+        with pytest.raises(ValueError, match="4 numbers"):
+            DetectionColumns([dict(dets[0], bbox=bad)] + dets[1:]).bbox()
+
+
+def test_shared_columns_give_the_same_numbers_and_leave_the_dicts_alone(tmp_path):
+    gt_json, results = edge_case_dataset(tmp_path)
+    untouched = copy.deepcopy(results)
+    gt = LVISGroundTruth(gt_json)
+    cols = DetectionColumns(results)  # one for every evaluation, as the evaluator does
+    for backend in available_backends():
+        for iou_type in ("bbox", "segm"):
+            for caps in ((300, -1), (-1, 25)):
+                a = evaluate_detections(gt, results, iou_type, backend, *caps)
+                b = evaluate_detections(gt, cols, iou_type, backend, *caps)
+                assert a.summary == b.summary, (backend, iou_type, caps)
+                assert np.array_equal(a.precision, b.precision)
+                assert a.num_detections == b.num_detections
+                phases = {"select", "convert", "load", "match", "accumulate", "results"}
+                assert set(b.timings) == phases | ({"mask_area"} if iou_type == "segm" else set())
+        if backend != "faster_coco_eval":
+            assert pooled_ap(gt, cols, "bbox", backend) == pooled_ap(gt, results, "bbox", backend)
+    assert results == untouched
+    with pytest.raises(ValueError, match="category id"):
+        check_results(DetectionColumns([dict(results[0], category_id=99)]), gt)
 
 
 # ------------------------------------------------------------------------------------------
@@ -269,6 +376,19 @@ def test_pooled_ap_is_the_same_with_every_backend(mini_val_json, iou_type):
 # ------------------------------------------------------------------------------------------
 # Backend selection and bad input
 # ------------------------------------------------------------------------------------------
+def test_results_file_is_written_in_slices_with_the_same_text(tmp_path):
+    import io
+
+    from longtail.evaluation import write_json_list
+
+    items = [{"image_id": i, "bbox": [i, 0.5, 2, 3], "score": i / 7} for i in range(10)]
+    for n in (0, 1, 3, 10):
+        for chunk in (1, 3, 4, 10, 100):
+            f = io.StringIO()
+            write_json_list(f, items[:n], chunk)
+            assert f.getvalue() == json.dumps(items[:n]), (n, chunk)
+
+
 def test_backend_resolution():
     assert resolve_backend("auto") in available_backends()
     assert resolve_backend("lvis") == "lvis"
@@ -348,9 +468,9 @@ def test_evaluator_writes_per_category_files(mini_val_json, tmp_path):
         meta = MetadataCatalog.get(MINI_VAL)
         assert [row["category_id"] for row in rows] == list(range(1, 49))
         assert [row["name"] for row in rows] == list(meta.thing_classes)
-        assert [row["frequency"] for row in rows] == list(meta.class_frequency)
-        assert [row["train_instance_count"] for row in rows] == list(meta.class_instance_count)
-        assert [row["train_image_count"] for row in rows] == list(meta.class_image_count)
+        assert [row["frequency"] for row in rows] == list(meta.get(FREQUENCY))
+        assert [row["train_instance_count"] for row in rows] == list(meta.get(INSTANCE_COUNT))
+        assert [row["train_image_count"] for row in rows] == list(meta.get(IMAGE_COUNT))
         # APr (the backend's) = mean of the per-category AP of the rare categories
         rare = [row["AP"] for row in rows if row["frequency"] == "r" and row["AP"] is not None]
         assert abs(np.mean(rare) - r["APr"]) < 1e-6

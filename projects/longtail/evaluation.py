@@ -21,6 +21,9 @@ the official package's result-side rules itself (the per-image cap, ties in inpu
 dropping detections whose area is not positive, which ``lvis`` does in ``get_ann_ids``), and the
 ground truth the libraries load follows the official semantics (``iscrowd`` is ignored,
 annotations with non-positive area are dropped). The backends then only match and accumulate.
+The selection works on columns read once from the detection dicts (:class:`DetectionColumns`,
+shared by the bbox, segm, AP_fixed and AP_pool evaluations of one set), and ``hotcoco`` gets the
+selected detections as one array (plus the masks' RLEs for segm) instead of a dict each.
 
 Optional libraries are imported lazily: importing this module needs only ``lvis``.
 """
@@ -33,6 +36,7 @@ import itertools
 import json
 import logging
 import os
+import time
 import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
@@ -45,12 +49,16 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from .datasets import FREQUENCY, IMAGE_COUNT, INSTANCE_COUNT
+from .detection_columns import DetectionColumns, as_columns, max_per_group_pair, ranks_within
+
 __all__ = [
     "BACKENDS",
     "AUTO_ORDER",
     "METRICS",
     "LVISGroundTruth",
     "TaskResult",
+    "DetectionColumns",
     "available_backends",
     "resolve_backend",
     "select_detections",
@@ -206,15 +214,24 @@ class TaskResult:
         eval_imgs (list[dict] or None): per image/category/area matching records in the official
             package's format (only when requested, for AP_pool).
         backend (str): the backend that produced it.
+        timings (dict): wall seconds of the phases: "select" (reading the detections' fields,
+            caps, area rule), "mask_area" (segm: the library's RLE decoding for the masks'
+            areas), "convert" (the selected detections to the backend's input: an
+            array, or dict copies), "load" (the library's result loading and evaluator set-up),
+            "match" (the library's per image and category IoU and greedy matching),
+            "accumulate" (the library's precision/recall and summary), "results" (reading the
+            summary, precision and matches back).
     """
 
-    def __init__(self, summary, category_ids, precision, num_detections, backend, eval_imgs=None):
+    def __init__(self, summary, category_ids, precision, num_detections, backend, eval_imgs=None,
+                 timings=None):
         self.summary = summary
         self.category_ids = list(category_ids)
         self.precision = precision
         self.num_detections = num_detections
         self.backend = backend
         self.eval_imgs = eval_imgs
+        self.timings = dict(timings or {})
 
     def per_category(self, iou: Optional[float] = None, area: int = 0) -> np.ndarray:
         """[K] AP per category (NaN where the category has no ground truth)."""
@@ -246,11 +263,17 @@ def load_results_json(path: str) -> List[Dict]:
     return data
 
 
-def check_results(results: Sequence[Dict], gt: LVISGroundTruth, source: str = "results") -> None:
-    """Raise a ValueError naming ``source`` and the offending ids when detections refer to
-    categories or images the dataset lacks."""
+def check_results(results, gt: LVISGroundTruth, source: str = "results") -> None:
+    """Raise a ValueError naming ``source`` and the offending ids when detections (a list of
+    dicts or :class:`DetectionColumns`) refer to categories or images the dataset lacks."""
+    if isinstance(results, DetectionColumns):
+        result_cats = np.unique(results.category_id).tolist()
+        result_imgs = np.unique(results.image_id).tolist()
+    else:
+        result_cats = {r["category_id"] for r in results}
+        result_imgs = {r["image_id"] for r in results}
     cats = set(gt.category_ids)
-    bad_cats = sorted({r["category_id"] for r in results} - cats)
+    bad_cats = sorted(set(result_cats) - cats)
     if bad_cats:
         shown = ", ".join(map(str, bad_cats[:20])) + (" ..." if len(bad_cats) > 20 else "")
         raise ValueError(
@@ -259,7 +282,7 @@ def check_results(results: Sequence[Dict], gt: LVISGroundTruth, source: str = "r
             "categories). LVIS category ids are 1-based; detectron2's contiguous ids are 0-based."
         )
     imgs = set(gt.image_ids)
-    bad_imgs = sorted({r["image_id"] for r in results} - imgs)
+    bad_imgs = sorted(set(result_imgs) - imgs)
     if bad_imgs:
         shown = ", ".join(map(str, bad_imgs[:20])) + (" ..." if len(bad_imgs) > 20 else "")
         raise ValueError(
@@ -271,34 +294,11 @@ def check_results(results: Sequence[Dict], gt: LVISGroundTruth, source: str = "r
 # ------------------------------------------------------------------------------------------
 # Detection selection (the official result-side rules, shared by every backend)
 # ------------------------------------------------------------------------------------------
-def _ranks_within(groups: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Rank of each element within its group by descending score, ties in input order."""
-    n = len(scores)
-    order = np.lexsort((np.arange(n), -scores, groups))
-    g = groups[order]
-    start = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
-    lengths = np.diff(np.r_[start, n])
-    rank_sorted = np.arange(n) - np.repeat(start, lengths)
-    ranks = np.empty(n, dtype=np.int64)
-    ranks[order] = rank_sorted
-    return ranks
-
-
-def _areas(dets: List[Dict], iou_type: str) -> np.ndarray:
-    """Area of each detection as the official package computes it: the mask's for segm (one
-    vectorised pycocotools call), the box's w*h for bbox."""
-    if not dets:
-        return np.zeros(0)
-    if iou_type == "segm":
-        import pycocotools.mask as mask_util
-
-        return np.asarray(mask_util.area([d["segmentation"] for d in dets]), dtype=np.float64)
-    boxes = np.asarray([d["bbox"] for d in dets], dtype=np.float64).reshape(-1, 4)
-    return boxes[:, 2] * boxes[:, 3]
+_ranks_within = ranks_within  # the former name
 
 
 def select_detections(
-    results: Sequence[Dict],
+    results,
     iou_type: str,
     max_dets_per_image: int = 300,
     max_dets_per_class: int = -1,
@@ -311,45 +311,51 @@ def select_detections(
     3. drop detections whose area is not positive (box w*h for bbox, mask area for segm), as the
        official package does; for segm the box is removed so the area is the mask's (as in
        detectron2). Ties are broken by input order, as in the official package and Dave et al.
+
+    ``results``: a list of detection dicts or :class:`DetectionColumns` of one. The rules run on
+    the columns (:meth:`DetectionColumns.select`); :func:`evaluate_detections` uses the indices
+    directly and copies no dict for ``hotcoco``.
     """
-    if iou_type == "segm" and results and "segmentation" not in results[0]:
-        raise ValueError("segm evaluation needs detections with a 'segmentation' (RLE) field.")
-    n = len(results)
-    if n == 0:
-        return []
-    keep = np.ones(n, dtype=bool)
-    scores = np.asarray([r["score"] for r in results], dtype=np.float64)
-    if max_dets_per_class is not None and max_dets_per_class > 0:
-        cats = np.asarray([r["category_id"] for r in results], dtype=np.int64)
-        keep &= _ranks_within(cats, scores) < max_dets_per_class
-    if max_dets_per_image is not None and max_dets_per_image > 0:
-        idx = np.flatnonzero(keep)
-        imgs = np.asarray([results[i]["image_id"] for i in idx], dtype=np.int64)
-        ok = _ranks_within(imgs, scores[idx]) < max_dets_per_image
-        keep[idx[~ok]] = False
-    out = [dict(results[i]) for i in np.flatnonzero(keep)]
-    if iou_type == "segm":
-        for det in out:
-            det.pop("bbox", None)
-    areas = _areas(out, iou_type)
-    return [d for d, a in zip(out, areas) if a > 0]
+    cols = as_columns(results)
+    return cols.dicts(cols.select(iou_type, max_dets_per_image, max_dets_per_class), iou_type)
 
 
 # ------------------------------------------------------------------------------------------
 # Evaluation
 # ------------------------------------------------------------------------------------------
+class _Stopwatch:
+    """Wall seconds of consecutive phases: ``lap(name)`` ends the current phase."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.laps: Dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.t
+        self.t = now
+
+
 def _lvis_eval_imgs(ev) -> List[Dict]:
     return [e for e in ev.eval_imgs if e is not None]
 
 
-def _run_lvis(gt: LVISGroundTruth, dets: List[Dict], iou_type: str, keep_eval_imgs: bool):
+def _run_lvis(gt: LVISGroundTruth, cols: DetectionColumns, idx: np.ndarray, iou_type: str,
+              keep_eval_imgs: bool, watch: _Stopwatch):
     from lvis import LVISEval, LVISResults
 
     api = gt.api("lvis")
+    dets = cols.dicts(idx, iou_type)
+    watch.lap("convert")
     dt = LVISResults(api, dets, max_dets=-1)
     ev = LVISEval(api, dt, iou_type)
-    ev.params.max_dets = -1  # already capped by select_detections
-    ev.run()
+    ev.params.max_dets = -1  # already capped by the selection
+    watch.lap("load")
+    ev.evaluate()
+    watch.lap("match")
+    ev.accumulate()
+    ev.summarize()
+    watch.lap("accumulate")
     summary = {k: float(ev.results[k]) for k in METRICS}
     eval_imgs = _lvis_eval_imgs(ev) if keep_eval_imgs else None
     return summary, np.asarray(ev.eval["precision"]), eval_imgs
@@ -357,8 +363,8 @@ def _run_lvis(gt: LVISGroundTruth, dets: List[Dict], iou_type: str, keep_eval_im
 
 def _max_per_image_category(dets: List[Dict]) -> int:
     """Most detections any (image, category) pair has: a per-pair cap that removes nothing."""
-    pairs = np.asarray([(d["image_id"], d["category_id"]) for d in dets], dtype=np.int64)
-    return max(int(np.unique(pairs, axis=0, return_counts=True)[1].max()), 1) if len(pairs) else 1
+    cols = as_columns(dets)
+    return max(max_per_group_pair(cols.image_id, cols.category_id), 1)
 
 
 def _hotcoco_eval_imgs(ev) -> List[Dict]:
@@ -378,17 +384,51 @@ def _hotcoco_eval_imgs(ev) -> List[Dict]:
     return out
 
 
-def _run_hotcoco(gt: LVISGroundTruth, dets: List[Dict], iou_type: str, keep_eval_imgs: bool):
+# hotcoco's matching does not read a segm detection's box (it matches masks; area is set from
+# the mask below): the rows carry this one (tests/test_evaluation.py checks the segm numbers
+# against the official package, which sees the masks' own boxes).
+_UNUSED_BOX = (0.0, 0.0, 1.0, 1.0)
+
+
+def _hotcoco_rows(cols: DetectionColumns, idx: np.ndarray, iou_type: str):
+    """The selected detections as hotcoco's array input: [N, 7] rows (image_id, x, y, w, h,
+    score, category_id; hotcoco numbers them 1..N in this order, as ``LVISResults`` numbers
+    dicts), and for segm the RLEs and the masks' areas."""
+    rows = np.empty((len(idx), 7), dtype=np.float64)
+    rows[:, 0] = cols.take(cols.image_id, idx)
+    rows[:, 1:5] = cols.take(cols.bbox(), idx) if iou_type == "bbox" else _UNUSED_BOX
+    rows[:, 5] = cols.take(cols.score, idx)
+    rows[:, 6] = cols.take(cols.category_id, idx)
+    if iou_type == "bbox":
+        return rows, None, None
+    return rows, cols.take(cols.segmentation(), idx), cols.take(cols.mask_area(), idx)
+
+
+def _run_hotcoco(gt: LVISGroundTruth, cols: DetectionColumns, idx: np.ndarray, iou_type: str,
+                 keep_eval_imgs: bool, watch: _Stopwatch):
     import hotcoco
 
     api = gt.api("hotcoco")
+    rows, segms, areas = _hotcoco_rows(cols, idx, iou_type)
+    watch.lap("convert")
     # its summarize() prints the table, and warns that AR is labelled with a non-default cap
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dt = hotcoco.LVISResults(api, dets, max_dets=-1)
+        dt = api.load_res(rows) if segms is None else api.load_res(rows, segmentation=segms)
+        dt = dt.cap_detections_per_image(None)  # as LVISResults(..., max_dets=-1): no cap
+        if areas is not None:  # a row's area is its box's: the mask's instead
+            dt.update_anns(ids=np.arange(1, len(idx) + 1), area=areas)
+        del rows, segms, areas  # hotcoco holds its own copy
         ev = hotcoco.LVISeval(api, dt, iou_type)
-        ev.params.max_dets = [_max_per_image_category(dets)]  # no cap per image and class
-        ev.run()
+        # the per (image, category) cap of its COCO-style core: one that removes nothing (it
+        # sizes nothing by it)
+        ev.params.max_dets = [max(len(idx), 1)]
+        watch.lap("load")
+        ev.evaluate()
+        watch.lap("match")
+        ev.accumulate()
+        ev.summarize()
+        watch.lap("accumulate")
     res = ev.get_results()
     summary = {k: float(res[k]) for k in METRICS}
     precision = np.asarray(ev.eval["precision"])[..., -1]
@@ -400,18 +440,27 @@ _FCE_KEYS = {"AP": "AP_all", "AP50": "AP_50", "AP75": "AP_75", "APs": "AP_small"
              "APm": "AP_medium", "APl": "AP_large", "APr": "APr", "APc": "APc", "APf": "APf"}
 
 
-def _run_faster_coco_eval(gt: LVISGroundTruth, dets: List[Dict], iou_type: str, keep_eval_imgs):
+def _run_faster_coco_eval(gt: LVISGroundTruth, cols: DetectionColumns, idx: np.ndarray,
+                          iou_type: str, keep_eval_imgs: bool, watch: _Stopwatch):
     from faster_coco_eval import COCOeval_faster
 
     if keep_eval_imgs:
         raise NotImplementedError("faster_coco_eval does not expose per-image matches (AP_pool)")
     api = gt.api("faster_coco_eval")
-    dt = api.loadRes(dets)
-    ev = COCOeval_faster(api, dt, iou_type, lvis_style=True, print_function=lambda *a, **k: None)
+    dets = cols.dicts(idx, iou_type)  # copies: loadRes writes area/id/iscrowd into them
     # pycocotools-style cap per image and category: as large as needed, no larger (it sizes
     # buffers by it)
-    ev.params.maxDets = [_max_per_image_category(dets)]
-    ev.run()
+    max_dets = max(max_per_group_pair(cols.image_id[idx], cols.category_id[idx]), 1)
+    watch.lap("convert")
+    dt = api.loadRes(dets)
+    ev = COCOeval_faster(api, dt, iou_type, lvis_style=True, print_function=lambda *a, **k: None)
+    ev.params.maxDets = [max_dets]
+    watch.lap("load")
+    ev.evaluate()
+    watch.lap("match")
+    ev.accumulate()
+    ev.summarize()
+    watch.lap("accumulate")
     stats = ev.stats_as_dict
     summary = {k: float(stats[v]) for k, v in _FCE_KEYS.items()}
     precision = np.asarray(ev.eval["precision"])[..., -1]
@@ -423,7 +472,7 @@ _RUNNERS = {"lvis": _run_lvis, "hotcoco": _run_hotcoco, "faster_coco_eval": _run
 
 def evaluate_detections(
     gt: LVISGroundTruth,
-    results: Sequence[Dict],
+    results,
     iou_type: str,
     backend: str = "auto",
     max_dets_per_image: int = 300,
@@ -433,6 +482,8 @@ def evaluate_detections(
     """
     Evaluate LVIS-format detections (1-based category ids) for ``iou_type`` ("bbox"/"segm").
 
+    ``results``: a list of detection dicts, or :class:`DetectionColumns` of one (build it once
+    when evaluating the same detections several times: the fields are then read once).
     The standard LVIS AP is ``max_dets_per_image=300, max_dets_per_class=-1``; AP_fixed is
     ``max_dets_per_image=-1, max_dets_per_class=10000``. Returns a :class:`TaskResult` whose
     summary is in [0, 1] (the backend's own numbers) or NaN everywhere when nothing is left
@@ -441,14 +492,24 @@ def evaluate_detections(
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     backend = resolve_backend(backend)
-    dets = select_detections(results, iou_type, max_dets_per_image, max_dets_per_class)
+    watch = _Stopwatch()
+    cols = as_columns(results)
+    if iou_type == "segm":  # the library's RLE decoding, timed apart from our selection
+        cols.segmentation()
+        watch.lap("select")
+        cols.mask_area()
+        watch.lap("mask_area")
+    idx = cols.select(iou_type, max_dets_per_image, max_dets_per_class)
+    watch.lap("select")
     cat_ids = gt.category_ids
-    if not dets:
+    if len(idx) == 0:
         precision = -np.ones((len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(cat_ids), 4))
         return TaskResult({k: float("nan") for k in METRICS}, cat_ids, precision, 0, backend,
-                          [] if keep_eval_imgs else None)
-    summary, precision, eval_imgs = _RUNNERS[backend](gt, dets, iou_type, keep_eval_imgs)
-    return TaskResult(summary, cat_ids, precision, len(dets), backend, eval_imgs)
+                          [] if keep_eval_imgs else None, watch.laps)
+    summary, precision, eval_imgs = _RUNNERS[backend](gt, cols, idx, iou_type, keep_eval_imgs,
+                                                      watch)
+    watch.lap("results")
+    return TaskResult(summary, cat_ids, precision, len(idx), backend, eval_imgs, watch.laps)
 
 
 def _pooled_precision(records: List[Dict]) -> float:
@@ -521,9 +582,9 @@ def _category_metadata(metadata, gt: LVISGroundTruth):
     cats = gt.categories
     out = {}
     names = metadata.get("thing_classes", None) if metadata is not None else None
-    freq = metadata.get("class_frequency", None) if metadata is not None else None
-    img_count = metadata.get("class_image_count", None) if metadata is not None else None
-    inst_count = metadata.get("class_instance_count", None) if metadata is not None else None
+    freq = metadata.get(FREQUENCY, None) if metadata is not None else None
+    img_count = metadata.get(IMAGE_COUNT, None) if metadata is not None else None
+    inst_count = metadata.get(INSTANCE_COUNT, None) if metadata is not None else None
     id_map = metadata.get("thing_dataset_id_to_contiguous_id", None) if metadata is not None else None
     for i, c in enumerate(cats):
         j = id_map[c["id"]] if id_map else c["id"] - 1
@@ -584,6 +645,17 @@ def frequency_summary(rows: List[Dict]) -> List[Dict]:
             entry[k] = float(np.mean(vals)) if vals else None
         out.append(entry)
     return out
+
+
+def write_json_list(f, items: Sequence, chunk: int = 65536) -> None:
+    """Write ``json.dumps(items)`` to the text file ``f`` one slice of ``chunk`` items at a time:
+    the same text (C encoder), without the whole string in memory (GBs at LVIS v1 val scale)."""
+    f.write("[")
+    for start in range(0, len(items), chunk):
+        if start:
+            f.write(", ")
+        f.write(json.dumps(items[start:start + chunk])[1:-1])
+    f.write("]")
 
 
 def _write_csv(path: str, rows: List[Dict]) -> None:
@@ -707,25 +779,30 @@ class LongTailLVISEvaluator(LVISEvaluator):
             results_file = os.path.join(self._output_dir, "lvis_instances_results.json")
             self._logger.info(f"Saving results to {results_file}")
             with PathManager.open(results_file, "w") as f:
-                f.write(json.dumps(lvis_results))
+                write_json_list(f, lvis_results)
         if not self._do_evaluation:
             self._logger.info("Annotations are not available for evaluation.")
             return
-        check_results(lvis_results, self._gt, source=results_file or "predictions")
+        # the detections' fields, read once for every evaluation below
+        columns = DetectionColumns(lvis_results)
+        check_results(columns, self._gt, source=results_file or "predictions")
         per_cat_summary = OrderedDict()
         for task in sorted(tasks):
             self._logger.info(f"Evaluating {task} with {self._backend} ...")
-            std = evaluate_detections(self._gt, lvis_results, task, self._backend,
+            std = evaluate_detections(self._gt, columns, task, self._backend,
                                       self._max_dets_per_image, -1)
+            self._logger.info(f"{task}: {std.num_detections} detections evaluated in "
+                              f"{sum(std.timings.values()):.1f} s (" + ", ".join(
+                                  f"{k} {v:.1f}" for k, v in std.timings.items()) + ")")
             res = OrderedDict((k, float(std.summary[k]) * 100.0) for k in METRICS)
             fixed = None
             if self._fixed_ap:
-                fixed = evaluate_detections(self._gt, lvis_results, task, self._backend, -1,
+                fixed = evaluate_detections(self._gt, columns, task, self._backend, -1,
                                             self._max_dets_per_class)
                 for k in ("AP", "APr", "APc", "APf"):
                     res[f"{k}_fixed"] = float(fixed.summary[k]) * 100.0
             if self._pooled_ap:
-                pooled = pooled_ap(self._gt, lvis_results, task, self._backend,
+                pooled = pooled_ap(self._gt, columns, task, self._backend,
                                    self._max_dets_per_class, -1)
                 for k, v in pooled.items():
                     res[k] = float(v) * 100.0
@@ -795,10 +872,10 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
         json_file = MetadataCatalog.get(args.dataset).json_file
     else:
         json_file = args.gt_json
-    results = load_results_json(args.results)
+    results = DetectionColumns(load_results_json(args.results))  # fields read once
     gt = LVISGroundTruth(json_file)
     check_results(results, gt, source=args.results)
-    tasks = args.tasks or (["bbox", "segm"] if results and "segmentation" in results[0] else ["bbox"])
+    tasks = args.tasks or (["bbox", "segm"] if results.has("segmentation") else ["bbox"])
     out = OrderedDict()
     for task in tasks:
         std = evaluate_detections(gt, results, task, args.backend, args.max_dets_per_image, -1)
