@@ -86,6 +86,7 @@ from longtail.engine import build_step_trainer, load_train_dicts  # noqa: E402
 from longtail.memory import object_memories  # noqa: E402
 from longtail.roi_heads import check_trainable_for_memory  # noqa: E402
 from longtail.state import install_nonfinite_guard  # noqa: E402
+from tools.benchmark_runs import machine  # noqa: E402
 from tools.benchmarks_md import replace_section  # noqa: E402
 from tools.lvis_rehearsal import calibrate_frozen_bn as standardise_frozen_bn  # noqa: E402
 
@@ -620,13 +621,7 @@ def format_table(report):
 def describe_device(device):
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name()
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), no GPU"
+    return machine()
 
 
 def docs_section(report):

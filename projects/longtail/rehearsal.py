@@ -84,6 +84,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .synthetic import publish_directory
+
 __all__ = [
     "GENERATOR_VERSION",
     "VERSIONS",
@@ -550,13 +552,7 @@ def _build(root: str, cfg: RehearsalConfig) -> dict:
                  "config": dataclasses.asdict(cfg), "seconds": round(seconds, 1),
                  "bytes": _disk_bytes(tmp), "summary": summary}
         _write_json(os.path.join(tmp, STAMP_FILE), stamp)  # last: marks the build complete
-        if os.path.lexists(root):
-            old = tmp + ".old"
-            os.rename(root, old)
-            os.rename(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, root)
+        publish_directory(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

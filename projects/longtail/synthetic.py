@@ -887,13 +887,7 @@ def _build(root: str, cfg: SyntheticConfig) -> Dict[str, str]:
                 "config": dataclasses.asdict(cfg),
                 "summary": _summary(plan, stats, split_data)}
         _write_json(os.path.join(tmp, SPEC_FILE), spec)  # last: marks the build complete
-        if os.path.lexists(root):
-            old = tmp + ".old"
-            os.rename(root, old)
-            os.rename(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, root)
+        publish_directory(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -914,6 +908,18 @@ def generate(root: str, cfg: SyntheticConfig = SyntheticConfig()) -> Dict[str, s
     root = os.path.abspath(root)
     with _locked(root):
         return _build(root, cfg)
+
+
+def publish_directory(tmp: str, root: str) -> None:
+    """Replace ``root`` by the completely written directory ``tmp`` (same file system) with
+    renames, so that a reader or a killed writer never sees a half-written ``root``."""
+    if os.path.lexists(root):
+        old = tmp + ".old"
+        os.rename(root, old)
+        os.rename(tmp, root)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, root)
 
 
 def ensure_dataset(root: str, cfg: SyntheticConfig = SyntheticConfig()) -> Dict[str, str]:
