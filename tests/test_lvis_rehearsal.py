@@ -33,7 +33,8 @@ D2_CATEGORY_MODULES = {"v1": "detectron2.data.datasets.lvis_v1_categories",
 REAL_COUNTS = {"v1": (1203, {"r": 337, "c": 461, "f": 405}),
                "v0.5": (1230, {"r": 454, "c": 461, "f": 315})}
 # a few categories of v1 only, fast to generate
-TINY = RehearsalConfig(versions=("v1",), num_categories=40, num_val_images=12, seed=5)
+TINY = RehearsalConfig(versions=("v1",), num_categories=40, num_val_images=12,
+                       num_minival_images=4, seed=5)
 
 
 def _load(path):
@@ -147,6 +148,17 @@ def test_command_line_reports_the_buckets(default_root, capsys):
     assert "LVIS v1" not in out and "MB on disk" in out
 
 
+@pytest.mark.parametrize("version", ["v1", "v0.5"])
+def test_minival_is_the_head_of_val(default_root, version):
+    paths = rehearsal.rehearsal_paths(default_root, version)
+    val, minival = _load(paths["val_json"]), _load(paths["minival_json"])
+    n = RehearsalConfig().num_minival_images
+    assert minival["images"] == val["images"][:n]
+    ids = {img["id"] for img in minival["images"]}
+    assert minival["annotations"] == [a for a in val["annotations"] if a["image_id"] in ids]
+    assert minival["categories"] == val["categories"]
+
+
 def test_image_ids_are_disjoint_across_versions_and_splits(default_root):
     seen = {}
     for version in ("v1", "v0.5"):
@@ -220,7 +232,8 @@ def test_registration_is_lazy_and_prepare_generates(tmp_path):
     root = str(tmp_path / "lazy")
     try:
         names = rehearsal.register_rehearsal(root, TINY)
-        assert names == ["rehearsal_lvis_v1_train", "rehearsal_lvis_v1_val"]
+        assert names == ["rehearsal_lvis_v1_train", "rehearsal_lvis_v1_val",
+                         "rehearsal_lvis_v1_minival"]
         assert not os.path.exists(root)  # registering generates nothing
         meta = MetadataCatalog.get("rehearsal_lvis_v1_train")
         assert meta.evaluator_type == "lvis"
@@ -233,6 +246,8 @@ def test_registration_is_lazy_and_prepare_generates(tmp_path):
         val = _load(MetadataCatalog.get("rehearsal_lvis_v1_val").json_file)
         assert len(records) == len(val["images"]) == TINY.num_val_images
         assert all(os.path.isfile(r["file_name"]) for r in records)
+        minival = DatasetCatalog.get("rehearsal_lvis_v1_minival")
+        assert [r["file_name"] for r in minival] == [r["file_name"] for r in records][:4]
         assert len(train["categories"]) == TINY.num_categories
     finally:
         rehearsal.register_rehearsal()  # the default registration again
@@ -424,9 +439,10 @@ def _d2_label():
 def test_rehearsal_subset_trains_resumes_and_evaluates(default_root, tmp_path):
     """
     RFS baseline, BAGS stage 1 + 2 (Faster R-CNN), LOCE stage 1 + stage 2 with MFS, RIO on LVIS
-    v1: one process each, 2 + 1 iterations, cheaper heads (64 RoIs per image, 50 proposals and 10
-    detections per image in the evaluation), no MFS initialisation pass; the two stage 1s only
-    train (their evaluation and resume are the baseline's code paths).
+    v1: one process with one thread each, 2 + 1 iterations, cheaper heads (64 RoIs per image, 50
+    proposals and 10 detections per image in the evaluation), evaluation on minival (24 images),
+    no MFS initialisation pass; the two stage 1s only train (their evaluation and resume are the
+    baseline's code paths) and the baseline does not resume (the two-process test does).
     """
     infos = tool.all_configs()
     wanted = ["configs/LVISv1/mask_rcnn_R_50_FPN_1x_rfs.yaml",
@@ -440,8 +456,10 @@ def test_rehearsal_subset_trains_resumes_and_evaluates(default_root, tmp_path):
     settings = tool.Settings(d2=_d2_label(), iters=2, extra_iters=1, num_gpus=1, jobs=1,
                              output=str(tmp_path / "out"), mfs_init_images=0, rois_per_image=64,
                              dets_per_image=10, rehearsal_root=default_root, timeout=900,
+                             eval_split="minival",
                              opts=["MODEL.RPN.POST_NMS_TOPK_TEST", "50"],
-                             phases={path: ("train",) for path in stage1})
+                             phases={wanted[0]: ("train", "eval"),
+                                     **{path: ("train",) for path in stage1}})
     results = {r["config"]: r for r in tool.run_configs(settings, configs)}
     for path, result in results.items():
         _check_run(result, mask=infos[path].facts["mask"])
@@ -464,6 +482,12 @@ def test_rehearsal_subset_trains_resumes_and_evaluates(default_root, tmp_path):
     for path in stage1:
         assert results[path]["phases_run"] == ["train"]
         assert os.path.join("calibration", "LVISv1") in results[path]["weights"]
+    # checkpoints pruned: only the stage 1s' model_final.pth is left, for their stage 2s
+    for path, result in results.items():
+        out = os.path.join(ROOT, result["output_dir"])
+        left = sorted(f for f in os.listdir(out) if f.endswith(".pth"))
+        assert left == (["model_final.pth"] if path in stage1 else []), path
+        assert result["pruned_mib"] > 0
     # the docs table renders every run, with the step ratio to the RFS baseline
     text = tool.render(tool.collect_results(settings.output), "test machine")
     assert text.count(f"| {settings.d2} | pass") == 6 and "1.00x" in text
@@ -476,7 +500,7 @@ def test_rehearsal_two_processes_rfs_baseline(default_root, tmp_path):
     configs = tool.select_configs(["configs/LVISv1/mask_rcnn_R_50_FPN_1x_rfs.yaml"], infos)
     settings = tool.Settings(d2=_d2_label(), iters=2, extra_iters=1, num_gpus=2, jobs=1,
                              output=str(tmp_path / "out"), rois_per_image=64, dets_per_image=10,
-                             rehearsal_root=default_root, timeout=900,
+                             rehearsal_root=default_root, timeout=900, eval_split="minival",
                              opts=["MODEL.RPN.POST_NMS_TOPK_TEST", "50"])
     (result,) = tool.run_configs(settings, configs)
     _check_run(result)

@@ -12,10 +12,13 @@ detectron2 version (``--d2 v0.6``: this environment; ``main``: upstream main's s
 ``PYTHONPATH`` through ``--d2-main-wrapper``; ``both``):
 
 1. **train**: ``train_net.py``'s ``main`` under the project launcher (``--num-gpus``, default 2
-   CPU processes), ``--iters`` iterations (default 4) with a checkpoint half-way;
-2. **resume**: ``--resume`` to ``--iters + --extra-iters`` iterations;
+   CPU processes), ``--iters`` iterations (default 4), checkpointed at the end;
+2. **resume**: ``--resume`` from that checkpoint to ``--iters + --extra-iters`` iterations;
 3. **eval**: ``--eval-only MODEL.WEIGHTS <OUTPUT_DIR>/model_final.pth`` on the validation split
-   (every class has validation objects there), LVIS evaluation at the real class count.
+   (every class has validation objects there), LVIS evaluation at the real class count;
+4. the run's checkpoints are deleted (a LOCE stage-2 process state alone is 2.3 GiB), except
+   the ``model_final.pth`` of a stage 1, which its stage 2 starts from (``--keep-checkpoints``
+   keeps them all).
 
 Overrides of every config (reported in the docs section): ``DATASETS.TRAIN/TEST`` ->
 ``rehearsal_lvis_<version>_{train,val}`` (``--real-names``: the configs' own ``lvis_*`` names,
@@ -35,6 +38,8 @@ per-process memories have their real size), ``MAX_ITER`` as above, ``DATALOADER.
   evaluation: the mask head predicts all 1203 class masks of every kept detection;
 * ``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE`` ``--rois-per-image`` (default: the config's 512),
   to make the box and mask heads cheaper on CPU when needed;
+* ``--eval-split minival``: evaluate on the first 24 validation images only;
+* ``LONGTAIL.NUM_THREADS``: ``--threads``, default the cores divided among the processes;
 * trailing ``KEY VALUE`` pairs go to every ``train_net`` call (e.g.
   ``MODEL.RPN.POST_NMS_TOPK_TEST 100`` for a faster evaluation).
 
@@ -460,10 +465,13 @@ class Settings:
     output: str = os.path.join(ROOT, "output", "lvis_rehearsal")
     force: bool = False
     rerun_failed: bool = False
+    keep_checkpoints: bool = False  # False: prune a run's checkpoints once its phases ran
     mfs_init_images: int = 1
     lr_scale: float = 0.01
     rois_per_image: int = 0  # 0: the config's MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
     dets_per_image: int = 20  # TEST.DETECTIONS_PER_IMAGE of the evaluation (0: the config's)
+    eval_split: str = "val"  # or "minival" (rehearsal mode; real-names evaluates the config's)
+    threads: int = 0  # torch threads per process; 0: cores // (jobs x num_gpus), at least 1
     timeout: float = 3600.0
     wrapper: str = DEFAULT_WRAPPER
     rehearsal_root: str = ""
@@ -596,7 +604,7 @@ def phase_options(settings: Settings, info: ConfigInfo, phase: str, out: str,
         train_name, test_name = info.facts["train"][0], info.facts["test"][0]
     else:
         train_name = f"rehearsal_lvis_{info.version}_train"
-        test_name = f"rehearsal_lvis_{info.version}_val"
+        test_name = f"rehearsal_lvis_{info.version}_{settings.eval_split}"
     ims = IMS_PER_PROCESS * settings.num_gpus
     opts = [*INPUT_OPTS, "SOLVER.IMS_PER_BATCH", str(ims), "DATALOADER.NUM_WORKERS", "0",
             "SEED", "0", "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", str(settings.mfs_init_images),
@@ -611,7 +619,8 @@ def phase_options(settings: Settings, info: ConfigInfo, phase: str, out: str,
                 "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), *settings.opts]
     max_iter = settings.iters + (settings.extra_iters if phase == "resume" else 0)
     opts += ["DATASETS.TEST", "()", "SOLVER.MAX_ITER", str(max_iter),
-             "SOLVER.CHECKPOINT_PERIOD", str(max(1, settings.iters // 2)), "MODEL.WEIGHTS", weights]
+             # only model_final.pth (and its per-process state): the resume starts from it
+             "SOLVER.CHECKPOINT_PERIOD", str(10 ** 9), "MODEL.WEIGHTS", weights]
     return (["--resume"] if phase == "resume" else []) + opts + list(settings.opts)
 
 
@@ -625,6 +634,8 @@ def reductions(settings: Settings, info: ConfigInfo) -> List[str]:
         out.append(f"RoIs/image {facts['rois_per_image']} -> {settings.rois_per_image}")
     if 0 < settings.dets_per_image != facts["dets_per_image"]:
         out.append(f"eval detections/image {facts['dets_per_image']} -> {settings.dets_per_image}")
+    if settings.mode == "rehearsal" and settings.eval_split != "val":
+        out.append(f"evaluated on {settings.eval_split}")
     if facts["memory"] == "mfs" and facts["mfs_init_images"] != settings.mfs_init_images:
         out.append(f"MFS init {facts['mfs_init_images']} -> {settings.mfs_init_images} img/class")
     return out
@@ -699,10 +710,30 @@ def _shown(path: str) -> str:
     return os.path.relpath(path, ROOT) if inside else path
 
 
-def run_config(settings: Settings, info: ConfigInfo, parent: Optional[Future] = None) -> Dict:
+def prune_checkpoints(out: str, keep_final: bool) -> float:
+    """
+    Delete the checkpoints of a finished run in ``out`` (a LOCE stage-2 run's per-process
+    state alone is 2.3 GiB): every ``*.pth`` except ``model_final.pth`` when ``keep_final`` (a
+    stage 1 whose model a stage 2 starts from), and ``last_checkpoint``. Returns the MiB freed.
+    """
+    freed = 0
+    for path in glob.glob(os.path.join(glob.escape(out), "*.pth")):
+        if keep_final and os.path.basename(path) == "model_final.pth":
+            continue
+        freed += os.path.getsize(path)
+        os.remove(path)
+    if not keep_final and os.path.exists(os.path.join(out, "last_checkpoint")):
+        os.remove(os.path.join(out, "last_checkpoint"))
+    return freed / 2 ** 20
+
+
+def run_config(settings: Settings, info: ConfigInfo, parent: Optional[Future] = None,
+               keep_final: bool = True) -> Dict:
     """
     Calibrate (stage 1) or take the stage-1 model (stage 2), then train, resume and evaluate;
     writes and returns ``rehearsal_result.json`` (reused unless ``--force`` / ``--rerun-failed``).
+    Unless ``settings.keep_checkpoints``, the run's checkpoints are deleted afterwards, all but
+    ``model_final.pth`` when ``keep_final`` (see :func:`prune_checkpoints`).
     """
     out = run_dir(settings, info)
     result_path = os.path.join(out, RESULT_FILE)
@@ -750,6 +781,8 @@ def run_config(settings: Settings, info: ConfigInfo, parent: Optional[Future] = 
         status, error = "fail (set-up)", str(e).splitlines()[0]
     result.update(status=status, error=error, wall_s=time.time() - start,
                   **summarise_phases(result["phases"]))
+    if not settings.keep_checkpoints:
+        result["pruned_mib"] = prune_checkpoints(out, keep_final=keep_final)
     with open(result_path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"[lvis_rehearsal] {settings.d2} {settings.mode} {info.path}: {status}"
@@ -764,14 +797,20 @@ def run_configs(settings: Settings, configs: Sequence[ConfigInfo]) -> List[Dict]
 
     settings.rehearsal_root = os.path.abspath(settings.rehearsal_root or rehearsal.default_root())
     rehearsal.ensure_rehearsal(settings.rehearsal_root)
-    if settings.jobs > 1 and "LONGTAIL.NUM_THREADS" not in settings.opts:
-        threads = max(1, (os.cpu_count() or 1) // (settings.jobs * settings.num_gpus))
+    if "LONGTAIL.NUM_THREADS" not in settings.opts:
+        # always set: a process with more threads than its share of the cores slows down
+        # several-fold as soon as anything else runs (OpenMP threads waiting on each other)
+        threads = settings.threads or max(
+            1, (os.cpu_count() or 1) // (settings.jobs * settings.num_gpus))
         settings.opts = [*settings.opts, "LONGTAIL.NUM_THREADS", str(threads)]
+    # a stage 1's model_final.pth is kept for its stage 2s (this call's or a later one's)
+    parents = {i.parent for i in all_configs().values() if i.parent}
     futures: Dict[str, Future] = {}
     with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
         for info in configs:
             futures[info.path] = pool.submit(run_config, settings, info,
-                                             futures.get(info.parent) if info.parent else None)
+                                             futures.get(info.parent) if info.parent else None,
+                                             info.path in parents)
     return [futures[info.path].result() for info in configs]
 
 
@@ -912,6 +951,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--docs", default=os.path.join(ROOT, "docs"))
     parser.add_argument("--force", action="store_true", help="rerun runs that have a result")
     parser.add_argument("--rerun-failed", action="store_true", help="rerun failed runs")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every run's checkpoints (default: only the model_final.pth "
+                        "of stage 1s, which their stage 2s start from)")
     parser.add_argument("--no-write", action="store_true", help="leave docs/ unchanged")
     parser.add_argument("--note", default="",
                         help="added to the machine description in the docs (e.g. shared cores)")
@@ -925,6 +967,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE (0: the config's)")
     parser.add_argument("--dets-per-image", type=int, default=20,
                         help="TEST.DETECTIONS_PER_IMAGE of the evaluation (0: the config's)")
+    parser.add_argument("--eval-split", choices=("val", "minival"), default="val",
+                        help="rehearsal split of the evaluation (minival: its first 24 images)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per process (0: cores / (jobs x num-gpus))")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per phase")
     parser.add_argument("--d2-main-wrapper", default=DEFAULT_WRAPPER)
     parser.add_argument("--rehearsal-root", default="",
@@ -945,9 +991,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             d2=d2, mode="real-names" if args.real_names else "rehearsal", iters=args.iters,
             extra_iters=args.extra_iters, num_gpus=args.num_gpus, jobs=args.jobs,
             output=os.path.abspath(args.output), force=args.force,
-            rerun_failed=args.rerun_failed, mfs_init_images=args.mfs_init_images,
+            rerun_failed=args.rerun_failed, keep_checkpoints=args.keep_checkpoints,
+            mfs_init_images=args.mfs_init_images,
             lr_scale=args.lr_scale, rois_per_image=args.rois_per_image,
-            dets_per_image=args.dets_per_image,
+            dets_per_image=args.dets_per_image, eval_split=args.eval_split,
+            threads=args.threads,
             timeout=args.timeout, wrapper=args.d2_main_wrapper,
             rehearsal_root=args.rehearsal_root, opts=list(args.opts))
         run_configs(settings, configs)

@@ -30,8 +30,8 @@ Layout on disk: a real-LVIS-shaped tree, so that ``DETECTRON2_DATASETS=<root>`` 
 detectron2's *own* ``lvis_v1_train`` / ``lvis_v1_val`` / ``lvis_v0.5_train`` / ``lvis_v0.5_val``
 registrations (``builtin.py``: json ``lvis/<name>.json``, image root ``coco/``) load it::
 
-    root/lvis/lvis_v1_train.json    root/lvis/lvis_v1_val.json
-    root/lvis/lvis_v0.5_train.json  root/lvis/lvis_v0.5_val.json
+    root/lvis/lvis_v1_train.json    root/lvis/lvis_v1_val.json    root/lvis/lvis_v1_minival.json
+    root/lvis/lvis_v0.5_train.json  root/lvis/lvis_v0.5_val.json  root/lvis/lvis_v0.5_minival.json
     root/coco/train2017/000000000001.jpg ...   root/coco/val2017/000000100001.jpg ...
     root/REHEARSAL.json             (config, fingerprint, summary; written last)
 
@@ -41,10 +41,11 @@ the path from ``coco_url`` (``image_root + split folder + base name``). The vers
 ``coco/`` as real LVIS does, with disjoint image ids (:data:`IMAGE_ID_OFFSETS`); ids are
 unique across all four splits.
 
-Registered on ``import longtail``: ``rehearsal_lvis_v1_{train,val}`` and
-``rehearsal_lvis_v0.5_{train,val}`` (not ``lvis_*`` names, which :mod:`longtail.datasets` treats
-as the real dataset), rooted at :func:`default_root` as read at import:
-``$LONGTAIL_REHEARSAL_ROOT`` if set, else ``$DETECTRON2_DATASETS/longtail_rehearsal``
+Registered on ``import longtail``: ``rehearsal_lvis_v1_{train,val,minival}`` and
+``rehearsal_lvis_v0.5_{train,val,minival}`` (``minival``: the first ``num_minival_images`` = 24
+validation images, for quick evaluations; not ``lvis_*`` names, which
+:mod:`longtail.datasets` treats as the real dataset), rooted at :func:`default_root` as read
+at import: ``$LONGTAIL_REHEARSAL_ROOT`` if set, else ``$DETECTRON2_DATASETS/longtail_rehearsal``
 (``DETECTRON2_DATASETS`` defaults to ``datasets``). Nothing is generated at import: the data is
 generated on first use (the datasets' ``longtail_prepare`` metadata hook, called by
 :func:`longtail.datasets.prepare_datasets`, or the loaders), once, under an exclusive lock, into a
@@ -113,6 +114,9 @@ VERSIONS: Dict[str, str] = {
     "v0.5": "detectron2.data.datasets.lvis_v0_5_categories",
 }
 SPLITS: Tuple[str, ...] = ("train", "val")
+# registered splits: ``minival`` is the first ``num_minival_images`` images of ``val`` (their
+# files, a json of its own), for quick evaluations
+REGISTERED_SPLITS: Tuple[str, ...] = ("train", "val", "minival")
 # (version, split) -> first image id - 1; every split has fewer than 100,000 images
 IMAGE_ID_OFFSETS: Dict[Tuple[str, str], int] = {
     ("v1", "train"): 0, ("v1", "val"): 100_000,
@@ -147,6 +151,7 @@ class RehearsalConfig:
     categories_per_image: int = 12  # training images: distinct categories per image
     extra_instance_prob: float = 0.15  # P(an image's category gets a second instance)
     num_val_images: int = 120
+    num_minival_images: int = 24  # the minival split: the first images of val
     # validation images per category, by bucket (r, c, f)
     val_images_per_category: Tuple[int, int, int] = (1, 1, 2)
     min_side: int = 40  # image width and height drawn in [min_side, max_side]
@@ -181,6 +186,8 @@ class RehearsalConfig:
                              "val_images_per_category >= 1.")
         if max(self.val_images_per_category) > self.num_val_images:
             raise ValueError("RehearsalConfig: val_images_per_category exceeds num_val_images.")
+        if not 1 <= self.num_minival_images <= self.num_val_images:
+            raise ValueError("RehearsalConfig: need 1 <= num_minival_images <= num_val_images.")
 
     def fingerprint(self) -> str:
         """A stable 16-hex-digit hash of all fields and :data:`GENERATOR_VERSION`."""
@@ -461,7 +468,11 @@ def _build_version(cfg: RehearsalConfig, version: str, out_root: str) -> dict:
     os.makedirs(os.path.join(out_root, "lvis"), exist_ok=True)
     summary = {"num_categories": len(cats),
                "frequency": {b: sum(c["frequency"] == b for c in categories) for b in "rcf"}}
-    for split in SPLITS:
+    val_images, val_annotations = split_data["val"]
+    kept = {img["id"] for img in val_images[: cfg.num_minival_images]}
+    split_data["minival"] = ([img for img in val_images if img["id"] in kept],
+                             [a for a in val_annotations if a["image_id"] in kept])
+    for split in REGISTERED_SPLITS:
         images, annotations = split_data[split]
         _write_json(os.path.join(out_root, "lvis", f"lvis_{version}_{split}.json"), {
             "info": info, "licenses": [], "images": images, "annotations": annotations,
@@ -487,10 +498,10 @@ def default_root() -> str:
 
 def rehearsal_paths(root: str, version: str) -> Dict[str, str]:
     """
-    Files of ``version`` under ``root``: ``train_json``, ``val_json`` and ``image_root`` (the
-    ``coco/`` folder, ending with "/": detectron2 v0.6 appends the split folder to it), the same
-    paths detectron2's built-in ``lvis_<version>_*`` datasets use for
-    ``DETECTRON2_DATASETS=root``.
+    Files of ``version`` under ``root``: ``train_json``, ``val_json``, ``minival_json`` and
+    ``image_root`` (the ``coco/`` folder, ending with "/": detectron2 v0.6 appends the split
+    folder to it), the same paths detectron2's built-in ``lvis_<version>_{train,val}`` datasets
+    use for ``DETECTRON2_DATASETS=root``.
     """
     if version not in VERSIONS:
         raise ValueError(f"LVIS version {version!r}: choose from {sorted(VERSIONS)}.")
@@ -499,6 +510,7 @@ def rehearsal_paths(root: str, version: str) -> Dict[str, str]:
         "root": root,
         "train_json": os.path.join(root, "lvis", f"lvis_{version}_train.json"),
         "val_json": os.path.join(root, "lvis", f"lvis_{version}_val.json"),
+        "minival_json": os.path.join(root, "lvis", f"lvis_{version}_minival.json"),
         "image_root": os.path.join(root, "coco") + "/",
     }
 
@@ -611,7 +623,7 @@ def _load(root: str, cfg: RehearsalConfig, version: str, split: str):
 def register_rehearsal(root: Optional[str] = None,
                        cfg: RehearsalConfig = RehearsalConfig()) -> List[str]:
     """
-    Register ``rehearsal_lvis_<version>_{train,val}`` for every version of ``cfg`` rooted at
+    Register ``rehearsal_lvis_<version>_{train,val,minival}`` for every version of ``cfg`` at
     ``root`` (default :func:`default_root`), replacing earlier registrations of those names.
     Nothing is generated here; the loaders and the ``longtail_prepare`` metadata hook generate on
     first use. Returns the registered names.
@@ -623,7 +635,7 @@ def register_rehearsal(root: Optional[str] = None,
     names = []
     for version in cfg.versions:
         paths = rehearsal_paths(root, version)
-        for split in SPLITS:
+        for split in REGISTERED_SPLITS:
             name = dataset_name(version, split)
             if name in DatasetCatalog.list():
                 DatasetCatalog.remove(name)
