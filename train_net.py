@@ -16,6 +16,7 @@ import glob
 import json
 import logging
 import os
+import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -27,6 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 import longtail
 from longtail import Trainer, add_longtail_config, launch
+from longtail.launch import resolve_dist_url
 from longtail.memory import object_memories
 
 logger = logging.getLogger("longtail")
@@ -153,7 +155,7 @@ def invoke_main() -> None:
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
+        dist_url=resolve_dist_url(args.dist_url, args.num_machines, sys.argv[1:]),
         args=(args,),
     )
 

@@ -213,3 +213,19 @@ def test_full_model_gradient_clipping():
     assert before.norm() > 35
     assert after.norm() == pytest.approx(35.0, rel=1e-4)  # one norm over the whole model
     assert torch.allclose(after / after.norm(), before / before.norm())  # direction kept
+
+
+@pytest.mark.parametrize("key,value", [("MODEL.LONGTAIL.CLS_LOSS", "ebl"),
+                                       ("MODEL.MEMORY.POLICY", "rio"),
+                                       ("MODEL.LONGTAIL.CLS_LAYER", "cosine"),
+                                       ("MODEL.LOCE.ALPHA", 0.8)])
+def test_method_keys_without_the_project_heads_are_refused(key, value):
+    """Before: detectron2's StandardROIHeads trained plain softmax and ignored the key."""
+    cfg = add_longtail_config(get_cfg())
+    cfg.merge_from_file("configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml")
+    assert cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads"
+    cfg.MODEL.DEVICE = "cpu"
+    Trainer.build_model(cfg)  # the RFS config as it is builds
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError, match=f"{key} .*MODEL.ROI_HEADS.NAME LongTailROIHeads"):
+        Trainer.build_model(cfg)

@@ -1,6 +1,7 @@
 """End to end through train_net.py on the small synthetic dataset (CPU)."""
 import json
 import os
+import socket
 import subprocess
 
 import pytest
@@ -67,9 +68,25 @@ def test_train_evaluate_eval_only_and_resume(python, repo_root, tmp_path):
 
 @pytest.mark.dist
 def test_two_cpu_processes_with_gloo(python, repo_root, tmp_path):
+    """Also while detectron2's default rendezvous port is taken (another job of this user):
+    without --dist-url the launcher picks a free port."""
+    from urllib.parse import urlparse
+
+    from detectron2.engine import default_argument_parser
+
+    port = urlparse(default_argument_parser().get_default("dist_url")).port
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        holder.bind(("127.0.0.1", port))
+        holder.listen(1)
+    except OSError:
+        pass  # already taken, by another job: the same situation
     out = str(tmp_path / "dist")
-    _, log = run(python, repo_root, "--num-gpus", "2", *SMALL, "SOLVER.IMS_PER_BATCH", "4",
-                 "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", out)
+    try:
+        _, log = run(python, repo_root, "--num-gpus", "2", *SMALL, "SOLVER.IMS_PER_BATCH", "4",
+                     "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", out)
+    finally:
+        holder.close()
     assert "gloo" in log
     assert "World size: 2" in log
     results = read_results(out)

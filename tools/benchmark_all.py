@@ -82,10 +82,11 @@ SIZES = {
     "smoke": {
         "common": ["DATASETS.TRAIN", "('longtail_synth_mini_train',)",
                    "DATASETS.TEST", "('longtail_synth_mini_val',)", "SOLVER.IMS_PER_BATCH", "4",
-                   "DATALOADER.NUM_WORKERS", "0", "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", "1"],
+                   "DATALOADER.NUM_WORKERS", "0"],
         "s1": ["SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "3"],
         "bags": ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1"],
-        "loce": ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1"],
+        "loce": ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
+                 "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", "1"],
     },
     "gpu": {
         "common": ["DATASETS.TRAIN", "('longtail_synth_large_train',)",

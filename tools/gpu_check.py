@@ -117,8 +117,9 @@ TINY_OPTS = [
     "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,
     "MODEL.RPN.PRE_NMS_TOPK_TEST", 50, "MODEL.RPN.POST_NMS_TOPK_TEST", 10,
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64, "TEST.DETECTIONS_PER_IMAGE", 20,
-    "MODEL.MEMORY.CAPACITY", 4,
 ]
+# --tiny, configs with an object memory only (other configs refuse memory keys)
+TINY_MEMORY_OPTS = ["MODEL.MEMORY.CAPACITY", 4]
 
 
 def estimate_seconds(num_configs, warmup, iters, eval_images, eval_warmup):
@@ -235,6 +236,8 @@ def load_config(config_name, args):
     ])
     if args.tiny:
         cfg.merge_from_list(list(TINY_OPTS))
+        if cfg.MODEL.MEMORY.POLICY:
+            cfg.merge_from_list(list(TINY_MEMORY_OPTS))
     return cfg, weights
 
 

@@ -357,6 +357,7 @@ def worker_train_net(argv: Sequence[str]) -> None:
     from detectron2.engine import default_argument_parser
 
     from longtail import launch
+    from longtail.launch import resolve_dist_url
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--probe", required=True)
@@ -364,7 +365,9 @@ def worker_train_net(argv: Sequence[str]) -> None:
     args = default_argument_parser().parse_args(rest)
     print("Command Line Args:", args, flush=True)
     launch(_probed_main, args.num_gpus, num_machines=args.num_machines,
-           machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args, known.probe))
+           machine_rank=args.machine_rank,
+           dist_url=resolve_dist_url(args.dist_url, args.num_machines, rest),
+           args=(args, known.probe))
 
 
 def calibrate_frozen_bn(backbone, images) -> Dict[str, float]:
@@ -607,9 +610,11 @@ def phase_options(settings: Settings, info: ConfigInfo, phase: str, out: str,
         test_name = f"rehearsal_lvis_{info.version}_{settings.eval_split}"
     ims = IMS_PER_PROCESS * settings.num_gpus
     opts = [*INPUT_OPTS, "SOLVER.IMS_PER_BATCH", str(ims), "DATALOADER.NUM_WORKERS", "0",
-            "SEED", "0", "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", str(settings.mfs_init_images),
+            "SEED", "0",
             "DATASETS.TRAIN", f"('{train_name}',)", "OUTPUT_DIR", out,
             "SOLVER.BASE_LR", repr(info.facts["base_lr"] * settings.lr_scale)]
+    if info.facts["memory"] == "mfs":  # other configs refuse memory keys
+        opts += ["MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", str(settings.mfs_init_images)]
     if settings.rois_per_image > 0:
         opts += ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", str(settings.rois_per_image)]
     if phase == "eval":

@@ -43,7 +43,11 @@ from .inference import enable_topk_per_class
 from .hooks import MemoryInitHook
 from .memory import object_memories
 from .predictor import LongTailFastRCNNOutputLayers
-from .roi_heads import LongTailROIHeads, check_trainable_for_memory
+from .roi_heads import (
+    LongTailROIHeads,
+    check_trainable_for_memory,
+    refuse_method_keys_without_longtail_heads,
+)
 from .freeze import freeze_except
 from .samplers import build_train_sampler, check_batch_layout
 from .solver import build_optimizer
@@ -188,8 +192,11 @@ class Trainer(DefaultTrainer):
         if cfg.MODEL.MEMORY.POLICY == "mfs" and cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS > 0:
             ret.insert(0, MemoryInitHook(cfg, self.train_dicts))
         if not comm.is_main_process():
+            # at the main process's position (before the evaluation hook): a checkpoint
+            # synchronises the processes, and so does an evaluation
             period = cfg.SOLVER.CHECKPOINT_PERIOD
-            ret.append(d2_hooks.PeriodicCheckpointer(self.checkpointer, period))
+            at = next((i for i, h in enumerate(ret) if isinstance(h, d2_hooks.EvalHook)), len(ret))
+            ret.insert(at, d2_hooks.PeriodicCheckpointer(self.checkpointer, period))
         return ret
 
     def resume_or_load(self, resume=True):
@@ -243,7 +250,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        """Prepare the datasets (class metadata), build the model, apply decoupled training."""
+        """Prepare the datasets (class metadata), build the model, apply decoupled training.
+        Method keys that detectron2's ROI heads would ignore are refused first."""
+        refuse_method_keys_without_longtail_heads(cfg)
         prepare_datasets(
             list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), cfg.MODEL.ROI_HEADS.NUM_CLASSES
         )

@@ -9,6 +9,7 @@ detectron2 v0.6's launcher cannot do this (it hard-codes NCCL and asserts CUDA).
 import logging
 import os
 from datetime import timedelta
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ import torch.multiprocessing as mp
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
-__all__ = ["launch", "DEFAULT_TIMEOUT"]
+__all__ = ["launch", "resolve_dist_url", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 logger = logging.getLogger(__name__)
@@ -28,6 +29,18 @@ def _find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def resolve_dist_url(dist_url: str, num_machines: int, argv: Sequence[str]) -> str:
+    """
+    The rendezvous address of a launch: ``dist_url`` when ``--dist-url`` is on the command line
+    ``argv`` or there are several machines, else ``"auto"`` (a free port, picked by the
+    launcher). detectron2's parser defaults to a port derived from the user id, the same for
+    every job of that user: a second multi-process job on one machine then fails with
+    ``EADDRINUSE``.
+    """
+    given = any(a == "--dist-url" or a.startswith("--dist-url=") for a in argv)
+    return dist_url if given or num_machines > 1 else "auto"
 
 
 def launch(

@@ -43,7 +43,12 @@ from .memory import (
 from .datasets import IMAGE_COUNT, train_metadata
 from .predictor import LongTailFastRCNNOutputLayers, num_chunks_of, refuse_upstream_loss_keys
 
-__all__ = ["LongTailROIHeads", "build_object_memory", "check_trainable_for_memory"]
+__all__ = [
+    "LongTailROIHeads",
+    "build_object_memory",
+    "check_trainable_for_memory",
+    "refuse_method_keys_without_longtail_heads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +158,57 @@ def check_trainable_for_memory(cfg, model) -> None:
             f"parameter tensors train (e.g. {moving[:3]}). Set MODEL.LONGTAIL.TRAINABLE_PREFIXES "
             "to what LOCE's stage 2 trains, e.g. ['proposal_generator.', "
             "'roi_heads.box_predictor.', 'roi_heads.mask_head.']."
+        )
+
+
+# config nodes / keys read only by LongTailROIHeads and its predictor
+HEAD_ONLY_NODES = ("MODEL.MEMORY", "MODEL.LOCE", "MODEL.BAGS")
+HEAD_ONLY_KEYS = ("MODEL.LONGTAIL.CLS_LOSS", "MODEL.LONGTAIL.CLS_LAYER",
+                  "MODEL.LONGTAIL.IMS_PER_VGPU", "MODEL.LONGTAIL.LOG_PERIOD",
+                  "MODEL.LONGTAIL.COSINE_SCALE", "MODEL.LONGTAIL.COSINE_EPS")
+
+
+def _flat(node, prefix: str) -> Dict[str, object]:
+    out = {}
+    for key, value in node.items():
+        name = f"{prefix}.{key}"
+        out.update(_flat(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def refuse_method_keys_without_longtail_heads(cfg) -> None:
+    """
+    Refuse method keys that only :class:`LongTailROIHeads` reads (:data:`HEAD_ONLY_KEYS`, every
+    key under :data:`HEAD_ONLY_NODES`) when they differ from their defaults and
+    ``MODEL.ROI_HEADS.NAME`` is not ``LongTailROIHeads`` (or a subclass): detectron2's heads
+    would train a plain softmax model and ignore them.
+    """
+    heads = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
+    if isinstance(heads, type) and issubclass(heads, LongTailROIHeads):
+        return
+    from detectron2.config import get_cfg
+
+    from .config import add_longtail_config
+
+    default = add_longtail_config(get_cfg())
+    values, defaults = {}, {}
+    for node in HEAD_ONLY_NODES:
+        *parents, leaf = node.split(".")
+        got, ref = cfg, default
+        for part in [*parents, leaf]:
+            got, ref = got[part], ref[part]
+        values.update(_flat(got, node))
+        defaults.update(_flat(ref, node))
+    for key in HEAD_ONLY_KEYS:
+        values[key] = cfg.MODEL.LONGTAIL[key.rsplit(".", 1)[1]]
+        defaults[key] = default.MODEL.LONGTAIL[key.rsplit(".", 1)[1]]
+    changed = sorted(k for k in values if values[k] != defaults.get(k))
+    if changed:
+        raise ValueError(
+            f"{', '.join(f'{k} {values[k]!r}' for k in changed)}: read only by the project's "
+            f"ROI heads, but MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME!r}, which would "
+            "ignore them and train plain softmax. Set MODEL.ROI_HEADS.NAME LongTailROIHeads "
+            "(see configs/LVISv1/*loce*, *bags*, *rio*), or remove these keys."
         )
 
 
