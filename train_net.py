@@ -19,7 +19,6 @@ import os
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
@@ -30,6 +29,7 @@ import longtail
 from longtail import Trainer, add_longtail_config, launch
 from longtail.launch import resolve_dist_url
 from longtail.memory import object_memories
+from longtail.weights import check_initial_weights, load_weights_for_evaluation
 
 logger = logging.getLogger("longtail")
 
@@ -128,15 +128,14 @@ def main(args):
             "module(s), allocated only when training)",
             sum(m.nbytes() for m in memories), len(memories),
         )
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        load_weights_for_evaluation(cfg, model, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
         report(cfg, results)
         return results
 
+    check_initial_weights(cfg, resume=args.resume)  # before data and model are built
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()

@@ -1,4 +1,5 @@
 import glob
+import re
 import os
 
 import pytest
@@ -167,3 +168,77 @@ def test_full_loce_configs_add_mfs(path):
     assert mem.MFS.JITTER_RATIO == pytest.approx(1 / 6) and mem.MFS.SCORE_EPS == 1e-7
     assert mem.MFS.INIT_IMAGES_PER_CLASS == 5 and mem.CHECKPOINT
     assert cfg.MODEL.LONGTAIL.CLS_LOSS == "ebl" and cfg.MODEL.LONGTAIL.IMS_PER_VGPU == 2
+
+
+# one value per key that no method can honour, and one at the edge that is allowed
+OUT_OF_RANGE = {
+    "MODEL.ROI_MASK_HEAD.COSINE_SCALE": (0.0, 1e-3),
+    "MODEL.LONGTAIL.CLS_LOSS": ("focal", "bags"),
+    "MODEL.LONGTAIL.IMS_PER_VGPU": (-1, 0),
+    "MODEL.LONGTAIL.LOG_PERIOD": (0, 1),
+    "MODEL.LONGTAIL.CLS_LAYER": ("norm", "cosine"),
+    "MODEL.LONGTAIL.COSINE_SCALE": (-48.0, 1.0),
+    "MODEL.LONGTAIL.COSINE_EPS": (-1e-5, 0.0),
+    "MODEL.MEMORY.POLICY": ("replay", "mfs"),
+    "MODEL.MEMORY.CAPACITY": (0, 1),
+    "MODEL.MEMORY.DTYPE": ("float8", "int8"),
+    "MODEL.MEMORY.DEVICE": ("gpu", "cuda:1"),
+    "MODEL.MEMORY.RIO.REPLAY_PER_CLASS": (-1, 0),
+    "MODEL.MEMORY.RIO.CACHE_MAX_IMAGE_COUNT": (0, 1),
+    "MODEL.MEMORY.RIO.CACHED_CLASSES": ([3, -1], [0, 5]),
+    "MODEL.MEMORY.MFS.JITTER_RATIO": (1.0, 0.0),
+    "MODEL.MEMORY.MFS.SAMPLED_NUM_CLASSES": (0, 1),
+    "MODEL.MEMORY.MFS.SAMPLED_NUM_FEATURES": (0, 1),
+    "MODEL.MEMORY.MFS.SCORE_EPS": (0.0, 1e-12),
+    "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS": (-5, 0),
+    "MODEL.LOCE.ALPHA": (1.5, 0.0),
+    "MODEL.LOCE.BG_SCORE": (0.0, 1.0),
+    "MODEL.LOCE.INIT_SCORE": (1.5, 1.0),
+    "MODEL.BAGS.BIN_EDGES": ([100, 10], [1]),
+    "MODEL.BAGS.OTHERS_SAMPLE_RATIO": (-8.0, 0.0),
+    "MODEL.BAGS.CLS_INIT_STD": (0.0, 1e-4),
+    "LONGTAIL.NUM_THREADS": (-2, 0),
+    "LONGTAIL.EVAL.BACKEND": ("coco", "lvis"),
+    "LONGTAIL.EVAL.MAX_DETS_PER_IMAGE": (0, 1),
+    "LONGTAIL.EVAL.MAX_DETS_PER_CLASS": (0, 1),
+    "LONGTAIL.TEST_TOPK_PER_CLASS": (-1, 0),
+}
+
+
+def _set(cfg, key, value):
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def test_every_range_checked_key_is_covered_and_the_defaults_pass():
+    from longtail.config import VALID, check_longtail_config
+
+    assert set(VALID) == set(OUT_OF_RANGE)
+    check_longtail_config(add_longtail_config(get_cfg()))
+
+
+@pytest.mark.parametrize("key", sorted(OUT_OF_RANGE))
+def test_values_out_of_range_are_refused_naming_the_key(key):
+    from longtail.config import check_longtail_config
+
+    bad, edge = OUT_OF_RANGE[key]
+    cfg = add_longtail_config(get_cfg())
+    _set(cfg, key, edge)
+    check_longtail_config(cfg)  # the edge value is allowed
+    _set(cfg, key, bad)
+    with pytest.raises(ValueError, match=re.escape(f"{key} {bad!r} (must be")):
+        check_longtail_config(cfg)
+
+
+def test_trainer_refuses_loce_alpha_above_one_before_building():
+    """Before: MODEL.LOCE.ALPHA 1.5 trained (mean scores diverging) without a word."""
+    from longtail import Trainer
+
+    cfg = add_longtail_config(get_cfg())
+    cfg.merge_from_file("configs/Synthetic/loce_stage2_ebl_mfs.yaml")
+    cfg.merge_from_list(["MODEL.LOCE.ALPHA", "1.5", "MODEL.DEVICE", "cpu"])
+    with pytest.raises(ValueError, match=r"MODEL.LOCE.ALPHA 1.5 \(must be a number >= 0 and < 1\)"):
+        Trainer.build_model(cfg)

@@ -5,7 +5,11 @@ Every key is declared here with its default and the reason it exists; keys that 
 already has on its main branch but v0.6 lacks are declared only when missing, with the same default
 as upstream, so configs behave identically on both versions.
 """
+from typing import Callable, Dict, Tuple
+
 from detectron2.config import CfgNode as CN
+
+__all__ = ["add_longtail_config", "check_longtail_config", "VALID"]
 
 
 def add_longtail_config(cfg: CN) -> CN:
@@ -148,9 +152,98 @@ def add_longtail_config(cfg: CN) -> CN:
     # Write per_category_{bbox,segm}.{json,csv} and summary_by_frequency.{json,csv} to the
     # evaluator's output directory (OUTPUT_DIR/inference/<dataset>/).
     _C.LONGTAIL.EVAL.PER_CATEGORY = True
+    # --eval-only refuses no MODEL.WEIGHTS, or weights that lack the box predictor (it would
+    # evaluate a random classifier); True evaluates anyway, with a warning.
+    _C.LONGTAIL.EVAL.ALLOW_UNTRAINED_HEADS = False
     # Top-k-per-class inference (longtail.inference): > 0 replaces the box predictor's inference
     # by class-wise NMS keeping, per image and class, the k best detections above
     # MODEL.ROI_HEADS.SCORE_THRESH_TEST, with no per-image cap (TEST.DETECTIONS_PER_IMAGE is
     # ignored). For AP_fixed / AP_pool; 0: detectron2's inference.
     _C.LONGTAIL.TEST_TOPK_PER_CLASS = 0
     return _C
+
+
+def _choice(*options):
+    return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
+
+
+def _number(low=None, high=None, low_open=False, high_open=False, integer=False):
+    def ok(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if integer and not isinstance(v, int):
+            return False
+        if low is not None and (v <= low if low_open else v < low):
+            return False
+        return not (high is not None and (v >= high if high_open else v > high))
+
+    kind = "an integer" if integer else "a number"
+    lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+    hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
+    return ok, f"{kind} " + " and ".join(x for x in (lo, hi) if x)
+
+
+def _increasing_positive_ints(v):
+    v = list(v)
+    return (all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+            and all(a < b for a, b in zip(v, v[1:])))
+
+
+def _device(v):
+    return v in ("", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+
+
+# key -> (check, what it must be). check_longtail_config refuses any other value at build time.
+VALID: Dict[str, Tuple[Callable[[object], bool], str]] = {
+    "MODEL.ROI_MASK_HEAD.COSINE_SCALE": _number(0, low_open=True),
+    "MODEL.LONGTAIL.CLS_LOSS": _choice("softmax_ce", "ebl", "bags"),
+    "MODEL.LONGTAIL.IMS_PER_VGPU": _number(0, integer=True),
+    "MODEL.LONGTAIL.LOG_PERIOD": _number(1, integer=True),
+    "MODEL.LONGTAIL.CLS_LAYER": _choice("linear", "cosine"),
+    "MODEL.LONGTAIL.COSINE_SCALE": _number(0, low_open=True),
+    "MODEL.LONGTAIL.COSINE_EPS": _number(0),
+    "MODEL.MEMORY.POLICY": _choice("", "rio", "mfs"),
+    "MODEL.MEMORY.CAPACITY": _number(1, integer=True),
+    "MODEL.MEMORY.DTYPE": _choice("float32", "float16", "bfloat16", "int8"),
+    "MODEL.MEMORY.DEVICE": (_device, "'', 'cpu', 'cuda' or 'cuda:N'"),
+    "MODEL.MEMORY.RIO.REPLAY_PER_CLASS": _number(0, integer=True),
+    "MODEL.MEMORY.RIO.CACHE_MAX_IMAGE_COUNT": _number(1, integer=True),
+    "MODEL.MEMORY.RIO.CACHED_CLASSES": (
+        lambda v: all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v),
+        "a list of class indices >= 0"),
+    "MODEL.MEMORY.MFS.JITTER_RATIO": _number(0, 1, high_open=True),
+    "MODEL.MEMORY.MFS.SAMPLED_NUM_CLASSES": _number(1, integer=True),
+    "MODEL.MEMORY.MFS.SAMPLED_NUM_FEATURES": _number(1, integer=True),
+    "MODEL.MEMORY.MFS.SCORE_EPS": _number(0, low_open=True),
+    "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS": _number(0, integer=True),
+    "MODEL.LOCE.ALPHA": _number(0, 1, high_open=True),
+    "MODEL.LOCE.BG_SCORE": _number(0, 1, low_open=True),
+    "MODEL.LOCE.INIT_SCORE": _number(0, 1, low_open=True),
+    "MODEL.BAGS.BIN_EDGES": (_increasing_positive_ints,
+                             "a strictly increasing list of positive instance counts"),
+    "MODEL.BAGS.OTHERS_SAMPLE_RATIO": _number(0),
+    "MODEL.BAGS.CLS_INIT_STD": _number(0, low_open=True),
+    "LONGTAIL.NUM_THREADS": _number(0, integer=True),
+    "LONGTAIL.EVAL.BACKEND": _choice("auto", "lvis", "faster_coco_eval", "hotcoco"),
+    "LONGTAIL.EVAL.MAX_DETS_PER_IMAGE": _number(1, integer=True),
+    "LONGTAIL.EVAL.MAX_DETS_PER_CLASS": _number(1, integer=True),
+    "LONGTAIL.TEST_TOPK_PER_CLASS": _number(0, integer=True),
+}
+
+
+def check_longtail_config(cfg: CN) -> None:
+    """
+    Refuse values of the project's keys that no method can honour (:data:`VALID`: choices and
+    numeric ranges), all at once, with each key, its value and what it must be. Called when the
+    model is built (``longtail.Trainer.build_model``). Combinations of keys are checked where
+    they are used (ROI heads, memories, predictor).
+    """
+    bad = []
+    for key, (ok, want) in VALID.items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if not ok(node):
+            bad.append(f"{key} {node!r} (must be {want})")
+    if bad:
+        raise ValueError("Invalid long-tail configuration: " + "; ".join(bad) + ".")

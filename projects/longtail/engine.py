@@ -35,6 +35,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import LongTailCheckpointer
+from .config import check_longtail_config
 from .data import ResumableBatchStream, build_resumable_loader
 from .state import install_nonfinite_guard
 from .datasets import prepare_datasets, prepare_files
@@ -252,6 +253,7 @@ class Trainer(DefaultTrainer):
     def build_model(cls, cfg):
         """Prepare the datasets (class metadata), build the model, apply decoupled training.
         Method keys that detectron2's ROI heads would ignore are refused first."""
+        check_longtail_config(cfg)
         refuse_method_keys_without_longtail_heads(cfg)
         prepare_datasets(
             list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), cfg.MODEL.ROI_HEADS.NUM_CLASSES
