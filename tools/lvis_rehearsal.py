@@ -96,6 +96,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import statistics
@@ -853,16 +854,21 @@ def _state(values: Sequence[int]) -> str:
                       for v in values)
 
 
-def render(results: Sequence[Dict], machine: str, total_configs: int = 32) -> str:
+def render(results: Sequence[Dict], machine: str, total_configs: int = 32,
+           commands: Sequence[str] = ()) -> str:
     """The docs section: what was run and how it was measured, then one table per mode
-    (``total_configs``: the number of LVIS configs, for the coverage line)."""
+    (``total_configs``: the number of LVIS configs, for the coverage line; ``commands``: the
+    tool commands that produced the results, default the make target's)."""
+    commands = list(commands) or ["python tools/lvis_rehearsal.py --d2 both",
+                                  "python tools/lvis_rehearsal.py --d2 both --real-names"]
     baseline = {}
     for r in results:
         if r["config"].endswith(BASELINE) and r.get("step_s"):
             baseline[r["d2"], r["mode"], r["version"]] = r["step_s"]
     lines = [
-        f"Machine: {machine}. Command (repository root): `python tools/lvis_rehearsal.py --d2 "
-        "both` (`make lvis-rehearsal`; `--real-names` for the second table); machine-readable: "
+        f"Machine: {machine}. Commands (repository root, one after the other): "
+        + "; ".join(f"`{c}`" for c in commands)
+        + " (`make lvis-rehearsal` runs the first with the defaults); machine-readable: "
         "`docs/lvis_rehearsal_results.json`.",
         "",
         "Every LVIS config at its real class count on the LVIS **rehearsal** data "
@@ -870,7 +876,8 @@ def render(results: Sequence[Dict], machine: str, total_configs: int = 32) -> st
         "40-64 px images; code paths only, no accuracy). Per config and detectron2 version: "
         "train a few iterations on CPU with the project launcher (gloo), checkpoint, `--resume` "
         "a few more, then `--eval-only` on the 120 validation images (every class has "
-        "validation objects). Reduced for every config: 64 / 96 px input, 2 images per process "
+        "validation objects), or on their first 24 (`minival`) where the last column says so. "
+        "Reduced for every config: 64 / 96 px input, 2 images per process "
         "(the configs' per-GPU batch, so per-process memories have their real size), no "
         "data-loader workers, no evaluation during training, the learning rate scaled to a real "
         "run's first iterations (detectron2 stretches the warmup over a short run's MAX_ITER); "
@@ -896,7 +903,8 @@ def render(results: Sequence[Dict], machine: str, total_configs: int = 32) -> st
             f" ({sum(r['d2'] == d2 and r['status'] == 'pass' for r in rows)} pass)"
             for d2 in sorted({r["d2"] for r in rows}))
         lines += ["", f"**{mode}** ("
-                  + ("`DATASETS` = `rehearsal_lvis_<version>_{train,val}`" if mode == "rehearsal"
+                  + ("`DATASETS` = `rehearsal_lvis_<version>_{train,val,minival}`"
+                     if mode == "rehearsal"
                      else "the configs' own `lvis_*` names, `DETECTRON2_DATASETS` = rehearsal "
                           "root, detectron2's built-in registrations") + f"; {coverage}):", "",
                   "| config | d2 | result | start (s) | step (s) | step vs RFS | peak RSS per "
@@ -916,17 +924,19 @@ def render(results: Sequence[Dict], machine: str, total_configs: int = 32) -> st
     return "\n".join(lines)
 
 
-def write_report(output: str, docs: str, note: str = "") -> str:
+def write_report(output: str, docs: str, note: str = "", commands: Sequence[str] = ()) -> str:
     """Render every result under ``output`` into docs/benchmarks.md and the results json
-    (``note``: appended to the machine description, e.g. what else ran on it)."""
+    (``note``: appended to the machine description, e.g. what else ran on it; ``commands``:
+    the runs' tool commands, see :func:`render`)."""
     from tools.benchmark_runs import machine
     from tools.benchmarks_md import replace_section
 
     results = collect_results(output)
     where = machine() + (f" ({note})" if note else "")
-    text = render(results, where, len(all_configs()))
+    text = render(results, where, len(all_configs()), commands)
     with open(os.path.join(docs, "lvis_rehearsal_results.json"), "w") as f:
-        json.dump({"machine": where, "results": results}, f, indent=1)
+        json.dump({"machine": where, "commands": list(commands), "results": results}, f,
+                  indent=1)
     replace_section(os.path.join(docs, "benchmarks.md"), SECTION, text)
     return text
 
@@ -962,6 +972,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="leave docs/ unchanged")
     parser.add_argument("--note", default="",
                         help="added to the machine description in the docs (e.g. shared cores)")
+    parser.add_argument("--report-command", action="append", default=[],
+                        help="with --report-only: a tool command that produced the results, "
+                        "shown in the docs (repeat for each; default: the make target's)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: render the results found under --output")
     parser.add_argument("--mfs-init-images", type=int, default=1,
@@ -1008,7 +1021,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.no_write:
         print(render(collect_results(os.path.abspath(args.output)), "this machine"))
     else:
-        print(write_report(os.path.abspath(args.output), args.docs, args.note))
+        ran = [] if args.report_only else ["python tools/lvis_rehearsal.py " + " ".join(
+            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))]
+        print(write_report(os.path.abspath(args.output), args.docs, args.note,
+                           args.report_command or ran))
     return 0
 
 
