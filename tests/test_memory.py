@@ -1,5 +1,6 @@
 """Object memory: ring buffers, RIO replay, LOCE MFS jitter/sampling, wiring into the ROI heads,
 checkpointing of per-process memories, the class-balanced initialisation pass, the cosine layer."""
+import logging
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from longtail import Trainer, add_longtail_config
 from longtail.checkpoint import LongTailCheckpointer, process_state_path
 from longtail.datasets import IMAGE_COUNT
 from longtail.equilibrium import memory_score_entries, update_mean_scores
-from longtail.hooks import build_memory_init_loader, run_memory_init_pass
+from longtail.hooks import build_memory_init_loader, progress_line, run_memory_init_pass
 from longtail.layers import CosineClassifier
 from longtail.memory import (
     MemoryRows,
@@ -536,7 +537,14 @@ def test_class_balanced_lists_tile_and_split():
     assert list(stream) == [0, 3, 1, 0, 0, 0, 0, 0]
 
 
-def test_init_pass_fills_every_class_and_changes_no_parameter():
+def test_init_pass_progress_line_extrapolates_the_eta():
+    # 25 of 100 steps in 50 s: 2 s per step, 75 steps left -> 150 s
+    assert progress_line(25, 100, 50.0) == "25/100 steps (25%), 0:00:50 elapsed, ETA 0:02:30"
+    assert progress_line(0, 7, 0.0).endswith("ETA ?")
+    assert progress_line(3, 3, 7322.0) == "3/3 steps (100%), 2:02:02 elapsed, ETA 0:00:00"
+
+
+def test_init_pass_fills_every_class_and_changes_no_parameter(caplog):
     cfg = make_cfg(
         "configs/Synthetic/loce_stage2_ebl_mfs.yaml",
         **{"MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS": 1, "MODEL.LONGTAIL.IMS_PER_VGPU": 2},
@@ -547,8 +555,13 @@ def test_init_pass_fills_every_class_and_changes_no_parameter():
     counts = MetadataCatalog.get(MINI[0]).get(IMAGE_COUNT)
     with_images = [c for c, n in enumerate(counts) if n > 0]
     assert len(loader.sampler) == 2 * len(with_images)  # 1 image per class and VGPU, 2 VGPUs
-    steps = run_memory_init_pass(model, loader)
+    with caplog.at_level(logging.INFO, logger="longtail.hooks"):
+        steps = run_memory_init_pass(model, loader, log_every_s=0.0)
     assert steps == math.ceil(len(loader.sampler) / 4)
+    progress = [r.getMessage() for r in caplog.records if "MFS initialisation pass: " in
+                r.getMessage()]
+    assert len(progress) == steps and progress[-1].endswith("ETA 0:00:00")
+    assert progress[0].startswith(f"MFS initialisation pass: 1/{steps} steps")
     fill = model.roi_heads.memory.fill_counts()
     assert (fill[:, with_images] > 0).all()
     m = model.roi_heads.box_predictor.mean_score.mean_scores

@@ -3,6 +3,7 @@ memory footprint, mixed precision (bfloat16 autocast on CPU)."""
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,15 @@ from detectron2.utils.events import EventStorage
 from longtail import Trainer, add_longtail_config
 from longtail.bags import bags_loss, bags_merge, build_group_tables
 from longtail.checkpoint import rng_state, set_rng_state
-from longtail.data import ResumableBatchStream, aspect_ratio_batches, build_resumable_loader
+from longtail.data import (
+    REPLACED_KEY,
+    ResumableBatchStream,
+    aspect_ratio_batches,
+    build_resumable_loader,
+    check_image_files,
+    count_replaced_images,
+    replacement_candidates,
+)
 from longtail.datasets import clean_records, validate_lvis_json
 from longtail.engine import AutocastTrainer
 from longtail.equilibrium import equilibrium_loss, update_mean_scores
@@ -102,51 +111,123 @@ def test_rng_state_round_trip():
 # ------------------------------------------------------------------------------------------------
 # faults
 # ------------------------------------------------------------------------------------------------
-def _snapshot(model):
-    heads = model.roi_heads
-    mem = heads.memory
-    return (heads.box_predictor.mean_score.mean_scores.clone(), mem.features.clone(),
-            mem.boxes.clone(), mem.ptr.clone(), mem.fill.clone())
+def test_nonfinite_loss_stops_before_the_optimizer_step():
+    """A NaN in the box head makes the step raise, naming the term and iteration, before the
+    optimizer moves any weight."""
+    from detectron2.engine import SimpleTrainer
 
-
-def test_nonfinite_loss_stops_before_updating_the_long_tail_state():
     cfg = make_cfg()
     model = Trainer.build_model(cfg)
-    install_nonfinite_guard(model)
-    data = next(iter(Trainer.build_train_loader(cfg)))
-    model.train()
+    opt = Trainer.build_optimizer(cfg, model)
+    install_nonfinite_guard(model, opt)
+    trainer = SimpleTrainer(model, Trainer.build_train_loader(cfg), opt)
     with EventStorage(0) as storage:
-        model(data)  # a normal step: statistics and memory move
-        before = _snapshot(model)
-        assert int(before[4].sum()) > 0 and not torch.all(before[0] == 0.01)
-        # a broken batch: the box head's output becomes NaN
+        trainer.storage = storage
+        trainer.run_step()  # a normal step
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         handle = model.roi_heads.box_head.register_forward_hook(
             lambda m, i, out: out * float("nan"))
-        storage.iter = 7
+        storage.iter = trainer.iter = 7
         with pytest.raises(FloatingPointError) as err:
-            model(data)
+            trainer.run_step()
         handle.remove()
+    # (with one process detectron2's own metrics check raises first; both name the step)
     msg = str(err.value)
-    assert "iteration 7" in msg and "loss_cls=nan" in msg and "loss_mask" not in msg.split(".")[0]
-    after = _snapshot(model)
-    for a, b in zip(before, after):
-        assert torch.equal(a, b)
+    assert re.search(r"iteration[ =]7\b", msg) and re.search(r"loss_cls'?[=:] ?nan", msg)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]), f"{n} took the step of a non-finite loss"
 
 
-def test_nonfinite_guard_rolls_back_every_push_of_the_step():
-    mem = ObjectMemory(3, [0, 1], 1, 3, (2,), "last")
-    box = torch.tensor([[0.0, 0, 4, 4]]).repeat(5, 1)
-    mem.push(torch.ones(5, 2), torch.tensor([0, 0, 1, 0, 1]), torch.zeros(5), box, box)
-    saved = mem.features.clone(), mem.ptr.clone(), mem.fill.clone()
-    mem.begin_step()
-    mem.push(torch.full((4, 2), 5.0), torch.tensor([0, 1, 0, 0]), torch.zeros(4), box[:4], box[:4])
-    mem.push(torch.full((2, 2), 9.0), torch.tensor([1, 1]), torch.zeros(2), box[:2], box[:2])
-    mem.rollback()
-    assert torch.equal(mem.features, saved[0])
-    assert torch.equal(mem.ptr, saved[1]) and torch.equal(mem.fill, saved[2])
+class _TwoLosses(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.poison = False
+
+    def forward(self, x):
+        a = (self.w * x).sum()
+        b = (self.w ** 2).sum() * (float("nan") if self.poison else 1.0)
+        return {"loss_a": a, "loss_b": b}
 
 
-def test_unreadable_image_fails_with_its_path_or_is_skipped(tmp_path, caplog):
+def _guarded_steps(out_dir):
+    from detectron2.utils import comm
+
+    rank = comm.get_rank()
+    model = _TwoLosses()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    install_nonfinite_guard(model, opt)
+    model.train()
+    result = {"rank": rank, "error": None}
+    with EventStorage(0) as storage:
+        for it in range(3):
+            storage.iter = it
+            model.poison = rank == 1 and it == 2  # only process 1's loss breaks, at step 2
+            losses = model(torch.ones(3))
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            try:
+                opt.step()
+            except FloatingPointError as e:
+                result["error"] = str(e)
+                break
+    result["iteration"] = it
+    result["w"] = model.w.detach().tolist()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pth"))
+
+
+@pytest.mark.dist
+def test_nonfinite_loss_on_one_process_stops_every_process_at_the_same_step(tmp_path):
+    from longtail.launch import launch
+
+    launch(_guarded_steps, 2, dist_url="auto", args=(str(tmp_path),))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in (0, 1))
+    assert r0["iteration"] == r1["iteration"] == 2
+    assert "iteration 2" in r1["error"] and "loss_b=nan" in r1["error"]
+    assert "iteration 2" in r0["error"] and "(on another process)" in r0["error"]
+    # two SGD steps of lr 0.1 on loss_a + loss_b (gradient 1 + 2w), none for the third
+    w = 1.0
+    for _ in range(2):
+        w -= 0.1 * (1 + 2 * w)
+    assert r0["w"] == r1["w"] == pytest.approx([w] * 3)
+
+
+def test_nonfinite_guard_reads_nothing_back_in_the_forward(monkeypatch):
+    """The hot path: the guard's forward hook starts the check on the device and returns; the
+    host reads the flag only in the optimizer's step pre-hook. Memory pushes copy nothing."""
+    model = _TwoLosses()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    install_nonfinite_guard(model, opt)
+    model.train()
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or real_item(t))
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(1) or real_item(t))
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or bool(real_item(t)))
+    losses = model(torch.ones(3))
+    assert reads == []
+    sum(losses.values()).backward()
+    opt.step()
+    assert len(reads) == 1
+    assert not hasattr(ObjectMemory, "begin_step") and not hasattr(ObjectMemory, "rollback")
+
+
+def test_nonfinite_loss_without_an_optimizer_step_is_caught_at_the_next_forward():
+    """A trainer that skips the optimizer step (a gradient scaler seeing inf gradients) still
+    stops: the pending flag is read before the next forward."""
+    model = _TwoLosses()
+    install_nonfinite_guard(model)
+    model.train()
+    with EventStorage(4):
+        model.poison = True
+        model(torch.ones(3))
+        model.poison = False
+        with pytest.raises(FloatingPointError) as err:
+            model(torch.ones(3))
+    assert "iteration 4" in str(err.value) and "loss_b=nan" in str(err.value)
+
+
+def test_unreadable_image_fails_with_its_path_or_is_replaced(tmp_path, caplog):
     good = tmp_path / "good.png"
     from PIL import Image
 
@@ -174,8 +255,112 @@ def test_unreadable_image_fails_with_its_path_or_is_skipped(tmp_path, caplog):
                                       aspect_ratio_grouping=False, skip_bad_images=True)
         with caplog.at_level(logging.WARNING, logger="longtail.data"):
             batch = next(iter(stream))
-        assert [d["image_id"] for d in batch] == [0]
-        assert str(bad) in caplog.text
+        # the full batch: the unreadable record 1 replaced by the next readable one (record 0)
+        assert [d["image_id"] for d in batch] == [0, 0]
+        assert REPLACED_KEY not in batch[0] and batch[1][REPLACED_KEY] == str(bad)
+        assert str(bad) in caplog.text and "replaced" in caplog.text
+
+
+def _png(path, h, w, value):
+    from PIL import Image
+
+    Image.fromarray(np.full((h, w, 3), value, dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_replacement_candidates_follow_the_dataset_order_same_orientation_first():
+    landscape = [True, False, True, True, False, True]
+    # after index 3: the next landscape records (5, 0, 2), then the portrait ones (4, 1)
+    assert list(replacement_candidates(3, landscape)) == [5, 0, 2, 4, 1]
+    assert list(replacement_candidates(1, landscape)) == [4, 2, 3, 5, 0]
+    assert list(replacement_candidates(0, [True])) == []
+
+
+def test_one_image_per_process_with_an_unreadable_image_still_trains(tmp_path):
+    """The batch of a process with 1 image whose file is unreadable used to be empty, which
+    detectron2's ImageList.from_tensors rejects (bare AssertionError). Now the image is replaced
+    (by the following record of the same orientation), the step runs and the metric counts it."""
+    cfg = make_cfg("configs/Synthetic/mask_rcnn_R18_FPN.yaml", **{
+        "SOLVER.IMS_PER_BATCH": 1, "LONGTAIL.SKIP_BAD_IMAGES": True,
+        "DATALOADER.ASPECT_RATIO_GROUPING": False, "INPUT.MIN_SIZE_TRAIN": (64,)})
+    records = [
+        {"file_name": str(tmp_path / "gone.png"), "image_id": 10, "height": 48, "width": 64,
+         "annotations": [{"bbox": [4, 4, 20, 20], "bbox_mode": 1, "category_id": 1,
+                          "segmentation": [[4, 4, 24, 4, 24, 24, 4, 24]]}]},
+        {"file_name": _png(tmp_path / "portrait.png", 64, 48, 90), "image_id": 11, "height": 64,
+         "width": 48, "annotations": [{"bbox": [4, 4, 20, 20], "bbox_mode": 1,
+                                       "category_id": 2,
+                                       "segmentation": [[4, 4, 24, 4, 24, 24, 4, 24]]}]},
+        {"file_name": _png(tmp_path / "landscape.png", 48, 64, 160), "image_id": 12,
+         "height": 48, "width": 64, "annotations": [{"bbox": [8, 8, 30, 20], "bbox_mode": 1,
+                                                      "category_id": 3,
+                                                      "segmentation": [[8, 8, 38, 8, 38, 28,
+                                                                        8, 28]]}]},
+    ]
+    model = Trainer.build_model(cfg)
+    count_replaced_images(model)
+    model.train()
+
+    class first(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter([0, 1, 0])
+
+    loader = build_resumable_loader(records, DatasetMapper(cfg, True), first(), 1, seed=3,
+                                    skip_bad_images=True)
+    batches = list(loader)
+    assert [[d["image_id"] for d in b] for b in batches] == [[12], [11], [12]]
+    assert batches[0][0][REPLACED_KEY].endswith("gone.png")
+    with EventStorage(0) as storage:
+        losses = model(batches[0])
+        assert all(torch.isfinite(v) for v in losses.values())
+        storage.iter = 1
+        model(batches[1])
+        storage.iter = 2
+        model(batches[2])
+    counts = storage.history("data/replaced_images").values()
+    assert [v for v, _ in counts] == [1, 1, 2]
+    # deterministic: a stream started at batch 2 (a resumed run) gives the same replacement
+    stream = ResumableBatchStream(records, DatasetMapper(cfg, True), first(), 1, seed=3,
+                                  aspect_ratio_grouping=False, skip_bad_images=True)
+    stream.skip_to(2)
+    again = next(iter(stream))
+    assert again[0]["image_id"] == 12 and torch.equal(again[0]["image"], batches[2][0]["image"])
+
+
+def test_missing_image_files_are_listed_at_load(tmp_path, caplog):
+    present = _png(tmp_path / "here.png", 8, 8, 0)
+    records = [{"file_name": present}] + [{"file_name": str(tmp_path / f"gone{i}.png")}
+                                          for i in range(23)]
+    with pytest.raises(FileNotFoundError) as err:
+        check_image_files(records, "my_train", skip_bad_images=False, max_images=1000)
+    msg = str(err.value)
+    assert "23 training image file(s) of my_train are missing" in msg
+    assert "gone0.png" in msg and "(and 3 more)" in msg and "LONGTAIL.SKIP_BAD_IMAGES" in msg
+    with caplog.at_level(logging.WARNING, logger="longtail.data"):
+        missing = check_image_files(records, "my_train", skip_bad_images=True, max_images=1000)
+    assert len(missing) == 23 and "replaces them" in caplog.text
+    # above the size limit nothing is checked
+    assert check_image_files(records, "my_train", skip_bad_images=False, max_images=10) == []
+    with pytest.raises(FileNotFoundError) as err:  # none exists: the image root is wrong
+        check_image_files(records[1:], "my_train", skip_bad_images=True, max_images=0)
+    assert "None of the 23 training images" in str(err.value)
+
+
+def test_trainer_checks_image_files_when_the_data_is_loaded(tmp_path, monkeypatch):
+    """A training set with a missing file fails when the trainer loads it (before the model is
+    built), naming the file; LONGTAIL.CHECK_IMAGES False defers it to when it is drawn."""
+    from longtail import engine
+
+    cfg = make_cfg()
+    real = get_detection_dataset_dicts(cfg.DATASETS.TRAIN)
+    broken = [dict(r) for r in real]
+    broken[3]["file_name"] = str(tmp_path / "lost.jpg")
+    monkeypatch.setattr(engine, "get_detection_dataset_dicts", lambda *a, **k: broken)
+    with pytest.raises(FileNotFoundError) as err:
+        engine.load_train_dicts(cfg)
+    assert "lost.jpg" in str(err.value)
+    cfg.LONGTAIL.CHECK_IMAGES = False
+    assert engine.load_train_dicts(cfg) is broken
 
 
 class iter_sampler(torch.utils.data.Sampler):
@@ -294,8 +479,8 @@ def test_bags_and_cosine_classifier_keep_float32_under_autocast():
 def test_training_steps_under_bfloat16_autocast(config):
     cfg = make_cfg(config, **{"SOLVER.AMP.ENABLED": True, "MODEL.MEMORY.DTYPE": "float16"})
     model = Trainer.build_model(cfg)
-    install_nonfinite_guard(model)
     opt = Trainer.build_optimizer(cfg, model)
+    install_nonfinite_guard(model, opt)
     loader = Trainer.build_train_loader(cfg)
     trainer = AutocastTrainer(model, loader, opt)
     pred = model.roi_heads.box_predictor
@@ -372,3 +557,25 @@ def test_killed_run_resumes_exactly(python, repo_root, tmp_path):
     mb = _load(os.path.join(killed, "model_final.rank0.pth"))["states"]["roi_heads.memory"]
     for key in ("features", "boxes", "ptr", "fill"):
         assert torch.equal(ma[key], mb[key]), key
+
+
+def test_evaluation_leaves_the_random_generators_as_it_found_them(monkeypatch):
+    """An evaluation during training (the test loader alone draws from torch's generator) used
+    to shift every later random draw, so a run resumed from the checkpoint before an evaluation
+    (which it does not repeat) trained differently from the uninterrupted run."""
+    import random as pyrandom
+
+    from detectron2.engine import DefaultTrainer
+
+    def drawing_test(cls, cfg, model, evaluators=None):
+        torch.rand(5), np.random.rand(5), pyrandom.random()
+        return {"bbox": {"AP": 1.0}}
+
+    monkeypatch.setattr(DefaultTrainer, "test", classmethod(drawing_test))
+    torch.manual_seed(4), np.random.seed(4), pyrandom.seed(4)
+    expect = (torch.rand(3), np.random.rand(3), pyrandom.random())
+    torch.manual_seed(4), np.random.seed(4), pyrandom.seed(4)
+    assert Trainer.test(make_cfg(), None) == {"bbox": {"AP": 1.0}}
+    got = (torch.rand(3), np.random.rand(3), pyrandom.random())
+    assert torch.equal(got[0], expect[0]) and np.array_equal(got[1], expect[1])
+    assert got[2] == expect[2]

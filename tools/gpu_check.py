@@ -375,10 +375,9 @@ def train_run(cfg, model, batches, precision, args, budget):
         if module.training and isinstance(output, dict):
             captured["losses"] = {k: v.detach() for k, v in output.items()}
 
-    # before the non-finite guard's hook (which raises), so a non-finite loss is still recorded
     handle = model.register_forward_hook(capture, prepend=True)
-    install_nonfinite_guard(model)
     optimizer = Trainer.build_optimizer(cfg, model)
+    install_nonfinite_guard(model, optimizer)  # raises before the optimizer step
     scheduler = Trainer.build_lr_scheduler(cfg, optimizer)
     trainer = build_step_trainer(cfg, model, batches, optimizer)
     result = {"precision": precision, "trainer": type(trainer).__name__, "error": None,

@@ -19,10 +19,16 @@ stream a pure function of (seed, rank, batch index):
   number of workers does not change the stream.
 
 Bad images: a missing or unreadable image file raises an error naming the file
-(``LONGTAIL.SKIP_BAD_IMAGES False``, the default) or, with ``True``, is left out of its batch with
-a logged warning.
+(``LONGTAIL.SKIP_BAD_IMAGES False``, the default) or, with ``True``, is replaced by the next
+readable record of the dataset with the same orientation (index order, wrapping around), mapped
+with the augmentation seed of the slot it fills (:func:`replacement_candidates`): deterministic,
+identical in a resumed run, and a batch always has its full size. The replacement is logged (once
+per file and process) and marked in its record (``REPLACED_KEY``), which
+:func:`count_replaced_images` turns into the metric ``data/replaced_images``.
+:func:`check_image_files` finds missing files at load time instead (``LONGTAIL.CHECK_IMAGES``).
 """
 import logging
+import os
 import random
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -32,7 +38,19 @@ from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 from torch.utils.data import IterableDataset, get_worker_info
 
-__all__ = ["ResumableBatchStream", "aspect_ratio_batches", "item_seed", "build_resumable_loader"]
+__all__ = [
+    "ResumableBatchStream",
+    "aspect_ratio_batches",
+    "item_seed",
+    "build_resumable_loader",
+    "replacement_candidates",
+    "check_image_files",
+    "count_replaced_images",
+    "REPLACED_KEY",
+]
+
+# key of a mapped record that replaces an unreadable image (value: the unreadable file's path)
+REPLACED_KEY = "longtail_replaces"
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +59,80 @@ def item_seed(seed: int, rank: int, batch: int, position: int) -> int:
     """Seed of the augmentations of image ``position`` of batch ``batch`` on ``rank``."""
     key = (((seed * 1_000_003 + rank) * 1_000_033 + batch) * 1_009 + position)
     return key % (2**32 - 1)
+
+
+def replacement_candidates(index: int, landscape: Sequence[bool]) -> Iterator[int]:
+    """
+    Dataset indices that may replace the unreadable record ``index``, in order: the following
+    records with the same orientation (``landscape[i] == landscape[index]``), wrapping around,
+    then the remaining ones (so that a dataset with a single readable image of the other
+    orientation still gives a full batch). ``index`` itself is not included.
+    """
+    n = len(landscape)
+    order = [(index + step) % n for step in range(1, n)]
+    same = [i for i in order if landscape[i] == landscape[index]]
+    other = [i for i in order if landscape[i] != landscape[index]]
+    return iter(same + other)
+
+
+def check_image_files(records: Sequence[Dict], dataset: str, skip_bad_images: bool,
+                      max_images: int) -> List[str]:
+    """
+    Check that the ``file_name`` of every record exists. Missing files raise one
+    FileNotFoundError listing them (the first 20 and the count), or, with ``skip_bad_images``,
+    are logged as a warning (the stream replaces them when drawn). Datasets with more than
+    ``max_images`` records (``> 0``) are not checked (logged). Returns the missing paths.
+    """
+    if max_images > 0 and len(records) > max_images:
+        logger.info(
+            "Not checking the %d image files of %s (LONGTAIL.CHECK_IMAGES_MAX_IMAGES %d).",
+            len(records), dataset, max_images,
+        )
+        return []
+    missing = sorted({r["file_name"] for r in records if not os.path.isfile(r["file_name"])})
+    if not missing:
+        return missing
+    listed = ", ".join(missing[:20]) + (f" (and {len(missing) - 20} more)" if len(missing) > 20
+                                        else "")
+    if len(missing) == len({r["file_name"] for r in records}):
+        raise FileNotFoundError(
+            f"None of the {len(records)} training images of {dataset} exists (first: "
+            f"{missing[0]}); check the dataset's image root (DETECTRON2_DATASETS)."
+        )
+    if skip_bad_images:
+        logger.warning(
+            "%d training image file(s) of %s are missing; LONGTAIL.SKIP_BAD_IMAGES replaces them "
+            "when they are drawn: %s", len(missing), dataset, listed,
+        )
+        return missing
+    raise FileNotFoundError(
+        f"{len(missing)} training image file(s) of {dataset} are missing: {listed}. Restore them, "
+        "remove their records from the dataset, or set LONGTAIL.SKIP_BAD_IMAGES True to replace "
+        "them by other images when drawn (LONGTAIL.CHECK_IMAGES False skips this check)."
+    )
+
+
+def count_replaced_images(model) -> None:
+    """
+    A forward pre-hook on ``model`` (training mode) that adds the batch's replaced images
+    (records carrying :data:`REPLACED_KEY`) to a per-process total and writes it as the scalar
+    ``data/replaced_images`` of the current event storage. A loop over the batch's (few) records
+    on the host: no tensor is touched.
+    """
+    from detectron2.utils.events import get_event_storage
+
+    total = [0]
+
+    def hook(module, inputs):
+        if not module.training or not inputs or not isinstance(inputs[0], (list, tuple)):
+            return
+        total[0] += sum(1 for d in inputs[0] if isinstance(d, dict) and REPLACED_KEY in d)
+        try:
+            get_event_storage().put_scalar("data/replaced_images", total[0], smoothing_hint=False)
+        except AssertionError:  # no storage (outside a trainer)
+            pass
+
+    model.register_forward_pre_hook(hook)
 
 
 def aspect_ratio_batches(
@@ -93,6 +185,7 @@ class ResumableBatchStream(IterableDataset):
         self.grouping = aspect_ratio_grouping
         self.skip_bad_images = skip_bad_images
         self.start_batch = 0
+        self._reported = set()  # unreadable files already logged by this process
 
     def skip_to(self, batch: int) -> None:
         """Start at batch ``batch`` of the stream (the iteration a resumed run starts from)."""
@@ -103,6 +196,8 @@ class ResumableBatchStream(IterableDataset):
         return aspect_ratio_batches(iter(self.sampler), self.landscape, self.batch_size, self.grouping)
 
     def _map(self, index: int, batch: int, position: int) -> Optional[Dict]:
+        """Record ``index`` mapped with the seed of (batch, position); None if unreadable and
+        ``skip_bad_images`` (else an error naming the file)."""
         np_state, py_state = np.random.get_state(), random.getstate()
         s = item_seed(self.seed, self.rank, batch, position)
         np.random.seed(s)
@@ -115,18 +210,36 @@ class ResumableBatchStream(IterableDataset):
             if not self.skip_bad_images:
                 msg = (
                     f"Cannot read training image {path}: {e}. Fix or remove the file, or set "
-                    "LONGTAIL.SKIP_BAD_IMAGES True to leave unreadable images out of their batch."
+                    "LONGTAIL.SKIP_BAD_IMAGES True to replace unreadable images by other ones."
                 )
                 try:
                     err = type(e)(msg)
                 except Exception:  # an exception type with another constructor
                     err = RuntimeError(msg)
                 raise err from e
-            logger.warning("Skipping unreadable training image %s (%s)", path, e)
+            if path not in self._reported:
+                self._reported.add(path)
+                logger.warning("Unreadable training image %s (%s): replaced by the next "
+                               "readable one (LONGTAIL.SKIP_BAD_IMAGES).", path, e)
             return None
         finally:
             np.random.set_state(np_state)
             random.setstate(py_state)
+
+    def _map_or_replace(self, index: int, batch: int, position: int) -> Dict:
+        mapped = self._map(index, batch, position)
+        if mapped is not None:
+            return mapped
+        bad = self.dataset[index].get("file_name", f"index {index}")
+        for candidate in replacement_candidates(index, self.landscape):
+            mapped = self._map(candidate, batch, position)
+            if mapped is not None:
+                mapped[REPLACED_KEY] = bad
+                return mapped
+        raise RuntimeError(
+            f"No training image can be read (the first unreadable one: {bad}); "
+            "LONGTAIL.SKIP_BAD_IMAGES cannot replace them. Check the dataset's image files."
+        )
 
     def __iter__(self):
         info = get_worker_info()
@@ -134,8 +247,7 @@ class ResumableBatchStream(IterableDataset):
         for k, indices in enumerate(self.index_batches()):
             if k < self.start_batch or (k - self.start_batch) % workers != worker:
                 continue
-            mapped = [self._map(i, k, j) for j, i in enumerate(indices)]
-            yield [m for m in mapped if m is not None]
+            yield [self._map_or_replace(i, k, j) for j, i in enumerate(indices)]
 
 
 def build_resumable_loader(

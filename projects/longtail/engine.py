@@ -34,9 +34,14 @@ from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import LongTailCheckpointer
+from .checkpoint import LongTailCheckpointer, rng_state, set_rng_state
 from .config import check_longtail_config
-from .data import ResumableBatchStream, build_resumable_loader
+from .data import (
+    ResumableBatchStream,
+    build_resumable_loader,
+    check_image_files,
+    count_replaced_images,
+)
 from .state import install_nonfinite_guard
 from .datasets import prepare_datasets, prepare_files
 from .evaluation import build_lvis_evaluator
@@ -85,11 +90,16 @@ def resolve_seed(cfg):
 
 def load_train_dicts(cfg):
     """The training records of ``cfg.DATASETS.TRAIN`` (files prepared first), as detectron2 loads
-    them for its training loader."""
+    them for its training loader; with ``LONGTAIL.CHECK_IMAGES``, every image file is checked to
+    exist (:func:`longtail.data.check_image_files`)."""
     prepare_files(list(cfg.DATASETS.TRAIN))
-    return get_detection_dataset_dicts(
+    dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     )
+    if cfg.LONGTAIL.CHECK_IMAGES:
+        check_image_files(dicts, " + ".join(cfg.DATASETS.TRAIN), cfg.LONGTAIL.SKIP_BAD_IMAGES,
+                          cfg.LONGTAIL.CHECK_IMAGES_MAX_IMAGES)
+    return dicts
 
 
 def set_model_seed(model, seed: int) -> None:
@@ -167,8 +177,10 @@ class Trainer(DefaultTrainer):
         check_trainable_for_memory(cfg, model)
         for memory in object_memories(model):
             memory.allocate()  # before the first iteration, so a memory that does not fit fails now
-        install_nonfinite_guard(model)
+        if cfg.LONGTAIL.SKIP_BAD_IMAGES:
+            count_replaced_images(model)  # metric data/replaced_images
         optimizer = self.build_optimizer(cfg, model)
+        install_nonfinite_guard(model, optimizer)
         data_loader = self.build_train_loader(cfg, self.train_dicts)
         model = wrap_ddp(model, cfg.MODEL.DEVICE)
         self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
@@ -285,6 +297,21 @@ class Trainer(DefaultTrainer):
             aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
             skip_bad_images=cfg.LONGTAIL.SKIP_BAD_IMAGES,
         )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """
+        detectron2's evaluation, leaving this process's random generators (torch, CUDA, numpy,
+        Python) as it found them: creating the test loader alone draws from torch's generator,
+        so an evaluation during training would change every later random draw (RPN and ROI
+        sampling, augmentations), and a run resumed from the checkpoint just before it (which
+        does not repeat it) would train differently from the uninterrupted run.
+        """
+        state = rng_state()
+        try:
+            return super().test(cfg, model, evaluators)
+        finally:
+            set_rng_state(state)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -354,22 +354,12 @@ class MeanScoreTracker(nn.Module):
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         total_sums, total_counts = stats.split(self.num_classes + 1)
         # a class whose statistics are not finite (a broken batch on some process) is left as it
-        # was; the step then fails its loss check and is rolled back (longtail.state)
+        # was; the step's loss is then not finite either and training stops (longtail.state)
         finite = torch.isfinite(total_sums) & torch.isfinite(total_counts)
         total_counts = torch.where(finite, total_counts, torch.zeros_like(total_counts))
         total_sums = torch.where(finite, total_sums, torch.zeros_like(total_sums))
         buf.copy_(update_mean_scores(buf, total_sums, total_counts, self.alpha, self.bg_score))
         return buf
-
-    def begin_step(self) -> None:
-        """Remember ``m`` so that :meth:`rollback` can undo this step's update."""
-        self._undo = self.mean_scores.detach().clone()
-
-    def rollback(self) -> None:
-        """Restore ``m`` as it was at :meth:`begin_step` (a step whose loss was not finite)."""
-        undo = getattr(self, "_undo", None)
-        if undo is not None:
-            self.mean_scores.copy_(undo)
 
     def _build_groups(self, frequency: Sequence[str]) -> None:
         key = tuple(frequency)

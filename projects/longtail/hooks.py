@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .samplers import class_balanced_stream
 
-__all__ = ["MemoryInitHook", "build_memory_init_loader", "run_memory_init_pass"]
+__all__ = ["MemoryInitHook", "build_memory_init_loader", "run_memory_init_pass", "progress_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,19 +45,40 @@ def build_memory_init_loader(cfg, dataset=None):
     )
 
 
+def progress_line(done: int, total: int, elapsed: float) -> str:
+    """``"<done>/<total> steps (<pct>%), <elapsed> elapsed, ETA <eta>"``, the ETA extrapolated
+    from the mean time per step so far (``?`` before the first step)."""
+    def hms(seconds: float) -> str:
+        seconds = int(round(seconds))
+        return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    eta = hms(elapsed / done * (total - done)) if done > 0 else "?"
+    pct = 100.0 * done / total if total > 0 else 100.0
+    return f"{done}/{total} steps ({pct:.0f}%), {hms(elapsed)} elapsed, ETA {eta}"
+
+
 @torch.no_grad()
-def run_memory_init_pass(model, loader) -> int:
-    """Forward ``model`` (training mode, no gradients) over ``loader``; returns the steps run."""
+def run_memory_init_pass(model, loader, log_every_s: float = 60.0) -> int:
+    """Forward ``model`` (training mode, no gradients) over ``loader``; returns the steps run.
+    Logs its progress with an ETA after the first step and then every ``log_every_s`` seconds
+    (the pass takes minutes to hours at LVIS scale)."""
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     heads = inner.roi_heads
     was_training = model.training
     model.train()
     steps = 0
+    total = len(loader)
+    start = last = time.perf_counter()
     try:
         with EventStorage(0):  # keep the pass's scalars out of the training metrics
             for steps, batch in enumerate(loader, start=1):
                 heads.init_step = steps - 1
                 model(batch)
+                now = time.perf_counter()
+                if steps == 1 or now - last >= log_every_s or steps == total:
+                    last = now
+                    logger.info("MFS initialisation pass: %s",
+                                progress_line(steps, total, now - start))
     finally:
         heads.init_step = -1
         model.train(was_training)

@@ -496,26 +496,6 @@ class ObjectMemory(nn.Module):
         self.ptr.copy_(state["ptr"])
         self.fill.copy_(state["fill"])
 
-    # -- transactions (longtail.state) -------------------------------------------------------
-    def begin_step(self) -> None:
-        """Start recording this step's writes so that :meth:`rollback` can undo them."""
-        self.allocate()
-        self._undo = {"ptr": self.ptr.clone(), "fill": self.fill.clone(), "writes": []}
-
-    def rollback(self) -> None:
-        """Undo every push since :meth:`begin_step` (a step whose loss was not finite)."""
-        undo = getattr(self, "_undo", None)
-        if undo is None:
-            return
-        for dest, feats, scales, boxes in reversed(undo["writes"]):
-            self.features.index_copy_(0, dest, feats)
-            self.boxes.index_copy_(0, dest, boxes)
-            if scales is not None:
-                self.scales.index_copy_(0, dest, scales)
-        self.ptr.copy_(undo["ptr"])
-        self.fill.copy_(undo["fill"])
-        self._undo = None
-
     def fill_counts(self) -> torch.Tensor:
         """[V, S] number of valid entries of every ring."""
         self.allocate()
@@ -559,12 +539,6 @@ class ObjectMemory(nn.Module):
         )
         trash = self.features.shape[0] - 1
         dest = torch.where(dest >= 0, dest, torch.full_like(dest, trash))
-        undo = getattr(self, "_undo", None)
-        if undo is not None:  # keep what this push overwrites
-            undo["writes"].append((
-                dest, self.features.index_select(0, dest), self.scales.index_select(0, dest)
-                if self.storage_dtype == torch.int8 else None, self.boxes.index_select(0, dest),
-            ))
         rows = features.detach().reshape(features.shape[0], -1)
         if self.storage_dtype == torch.int8:
             rows, scale = quantize_rows(rows)
