@@ -59,3 +59,34 @@ def test_class_stats_reject_non_contiguous_ids(tmp_path):
                                 "annotations": [], "images": []}))
     with pytest.raises(ValueError, match="contiguous"):
         class_stats_from_json(str(path))
+
+
+def test_class_stats_count_only_the_annotations_loading_keeps(tmp_path):
+    """Degenerate boxes (width or height <= 0) are dropped by the loader; the statistics the
+    methods use (image and instance counts, r/c/f, training images) must not count them."""
+    from longtail.datasets import load_checked
+
+    images = [{"id": i, "height": 20, "width": 20, "coco_url": f"http://x/train/{i}.jpg",
+               "neg_category_ids": [], "not_exhaustive_category_ids": []} for i in (1, 2, 3)]
+    anns = [
+        {"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        {"image_id": 2, "category_id": 1, "bbox": [1, 1, 0, 5]},   # dropped
+        {"image_id": 2, "category_id": 2, "bbox": [1, 1, 4, 4]},
+        {"image_id": 3, "category_id": 2, "bbox": [1, 1, 3, -2]},  # dropped
+        {"image_id": 3, "category_id": 3, "bbox": [2, 2, 0, 0]},   # dropped: class 3 has none
+    ]
+    for k, a in enumerate(anns, start=1):
+        a.update(id=k, area=max(a["bbox"][2] * a["bbox"][3], 0),
+                 segmentation=[[1, 1, 4, 1, 4, 4, 1, 4]])
+    data = {"images": images, "annotations": anns,
+            "categories": [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(data))
+    stats = class_stats_from_json(str(path))
+    assert stats[INSTANCE_COUNT] == [1, 1, 0]
+    assert stats[IMAGE_COUNT] == [1, 1, 0]
+    assert stats[NUM_TRAIN_IMAGES] == 2
+    records = load_checked(str(path), str(tmp_path), "stats_test_train")
+    kept = [a["category_id"] for r in records for a in r["annotations"]]
+    # the loader's surviving annotations, per class (contiguous ids 0..C-1)
+    assert [kept.count(c) for c in range(3)] == stats[INSTANCE_COUNT]
