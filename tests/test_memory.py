@@ -544,6 +544,33 @@ def test_init_pass_progress_line_extrapolates_the_eta():
     assert progress_line(3, 3, 7322.0) == "3/3 steps (100%), 2:02:02 elapsed, ETA 0:00:00"
 
 
+def test_init_pass_replaces_unreadable_images_with_skip_bad_images(tmp_path, caplog):
+    """Before: SKIP_BAD_IMAGES covered the training stream only, and a missing file stopped the
+    MFS initialisation pass. Now the pass maps another record in its place (and without the
+    option it still fails naming the file)."""
+    from detectron2.data.build import get_detection_dataset_dicts
+
+    cfg = make_cfg(
+        "configs/Synthetic/loce_stage2_ebl_mfs.yaml",
+        **{"MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS": 1, "MODEL.LONGTAIL.IMS_PER_VGPU": 2},
+    )
+    Trainer.build_model(cfg)  # registers the metadata
+    dicts = [dict(d) for d in get_detection_dataset_dicts(cfg.DATASETS.TRAIN)]
+    lost = str(tmp_path / "lost.jpg")
+    for d in dicts[::7]:
+        d["file_name"] = lost
+    with pytest.raises(Exception, match="lost.jpg"):
+        list(build_memory_init_loader(cfg, dicts))
+    cfg.defrost()
+    cfg.LONGTAIL.SKIP_BAD_IMAGES = True
+    loader = build_memory_init_loader(cfg, dicts)
+    with caplog.at_level(logging.WARNING, logger="longtail.hooks"):
+        batches = list(loader)
+    images = [d for b in batches for d in b]
+    assert len(images) == len(loader.sampler)  # every slot filled
+    assert "lost.jpg" in caplog.text and caplog.text.count("unreadable image") == 1
+
+
 def test_init_pass_fills_every_class_and_changes_no_parameter(caplog):
     cfg = make_cfg(
         "configs/Synthetic/loce_stage2_ebl_mfs.yaml",

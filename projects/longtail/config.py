@@ -126,7 +126,8 @@ def add_longtail_config(cfg: CN) -> CN:
     # A training image that cannot be read (missing, corrupt): False fails with its path; True
     # replaces it by the next readable training record of the same orientation (dataset order,
     # deterministic, the same in a resumed run), logs a warning naming both files and counts it
-    # in the metric data/replaced_images (per process, cumulative). A batch is never short.
+    # in the metric data/replaced_images (per process, cumulative). A batch is never short. The
+    # same replacement serves LOCE's MFS initialisation pass.
     _C.LONGTAIL.SKIP_BAD_IMAGES = False
     # At load, check that every training image file exists (one stat per image), failing with one
     # message that lists the missing files (a warning instead with SKIP_BAD_IMAGES True) rather
