@@ -564,7 +564,7 @@ def test_init_pass_replaces_unreadable_images_with_skip_bad_images(tmp_path, cap
     cfg.defrost()
     cfg.LONGTAIL.SKIP_BAD_IMAGES = True
     loader = build_memory_init_loader(cfg, dicts)
-    with caplog.at_level(logging.WARNING, logger="longtail.hooks"):
+    with caplog.at_level(logging.WARNING, logger="longtail.data"):
         batches = list(loader)
     images = [d for b in batches for d in b]
     assert len(images) == len(loader.sampler)  # every slot filled

@@ -375,7 +375,7 @@ def train_run(cfg, model, batches, precision, args, budget):
         if module.training and isinstance(output, dict):
             captured["losses"] = {k: v.detach() for k, v in output.items()}
 
-    handle = model.register_forward_hook(capture, prepend=True)
+    handle = model.register_forward_hook(capture)
     optimizer = Trainer.build_optimizer(cfg, model)
     install_nonfinite_guard(model, optimizer)  # raises before the optimizer step
     scheduler = Trainer.build_lr_scheduler(cfg, optimizer)

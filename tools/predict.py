@@ -110,10 +110,10 @@ def class_metadata(cfg):
 
 
 def detections_of(instances, classes, frequency, to_json, threshold, buckets):
-    """The json detections of one image's ``Instances`` (CPU), score-sorted, filtered."""
-    from detectron2.structures import BoxMode
-
+    """The json detections of one image's ``Instances`` (CPU), score-sorted, filtered; boxes and
+    RLE masks as detectron2's ``instances_to_coco_json`` writes them."""
     import torch
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
     keep = instances.scores >= threshold
     if buckets:
@@ -121,23 +121,12 @@ def detections_of(instances, classes, frequency, to_json, threshold, buckets):
                              dtype=torch.bool)
     kept = instances[keep]
     kept = kept[torch.argsort(kept.scores, descending=True, stable=True)]
-    boxes = BoxMode.convert(kept.pred_boxes.tensor.numpy(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
-    rles = None
-    if kept.has("pred_masks") and len(kept):
-        import pycocotools.mask as mask_util
-
-        masks = np.asfortranarray(kept.pred_masks.numpy().astype(np.uint8).transpose(1, 2, 0))
-        rles = mask_util.encode(masks)
-        for r in rles:
-            r["counts"] = r["counts"].decode("ascii")
     out = []
-    for i, (c, s) in enumerate(zip(kept.pred_classes.tolist(), kept.scores.tolist())):
-        det = {"category_id": int(to_json[c]), "category_name": classes[c],
-               "frequency": frequency[c] if frequency else None, "score": round(float(s), 5),
-               "bbox": [round(float(v), 2) for v in boxes[i]]}
-        if rles is not None:
-            det["segmentation"] = rles[i]
-        out.append(det)
+    for det in instances_to_coco_json(kept, None):
+        c = det.pop("category_id")
+        det.pop("image_id")
+        out.append({"category_id": int(to_json[c]), "category_name": classes[c],
+                    "frequency": frequency[c] if frequency else None, **det})
     return kept, out
 
 

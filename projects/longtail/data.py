@@ -30,7 +30,7 @@ per file and process) and marked in its record (``REPLACED_KEY``), which
 import logging
 import os
 import random
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ __all__ = [
     "item_seed",
     "build_resumable_loader",
     "replacement_candidates",
+    "map_or_replace",
+    "ReplacingMapDataset",
     "check_image_files",
     "count_replaced_images",
     "REPLACED_KEY",
@@ -61,18 +63,79 @@ def item_seed(seed: int, rank: int, batch: int, position: int) -> int:
     return key % (2**32 - 1)
 
 
+# what PIL (through detectron2's read_image) raises for a missing or corrupt image file
+UNREADABLE = (OSError, ValueError, SyntaxError)
+
+
 def replacement_candidates(index: int, landscape: Sequence[bool]) -> Iterator[int]:
     """
-    Dataset indices that may replace the unreadable record ``index``, in order: the following
-    records with the same orientation (``landscape[i] == landscape[index]``), wrapping around,
-    then the remaining ones (so that a dataset with a single readable image of the other
+    Dataset indices that may replace the unreadable record ``index``, lazily, in order: the
+    following records with the same orientation (``landscape[i] == landscape[index]``), wrapping
+    around, then the remaining ones (so that a dataset with a single readable image of the other
     orientation still gives a full batch). ``index`` itself is not included.
     """
     n = len(landscape)
-    order = [(index + step) % n for step in range(1, n)]
-    same = [i for i in order if landscape[i] == landscape[index]]
-    other = [i for i in order if landscape[i] != landscape[index]]
-    return iter(same + other)
+    for same in (True, False):
+        for step in range(1, n):
+            i = (index + step) % n
+            if (landscape[i] == landscape[index]) == same:
+                yield i
+
+
+def map_or_replace(index: int, try_map: Callable[[int], Optional[Dict]],
+                   landscape: Sequence[bool]) -> Tuple[Dict, bool]:
+    """
+    ``(try_map(index), False)``; when that is None (unreadable image), ``(try_map(c), True)`` for
+    the first candidate ``c`` of :func:`replacement_candidates` that is readable. RuntimeError
+    when no image can be read.
+    """
+    mapped = try_map(index)
+    if mapped is not None:
+        return mapped, False
+    for candidate in replacement_candidates(index, landscape):
+        mapped = try_map(candidate)
+        if mapped is not None:
+            return mapped, True
+    raise RuntimeError("No training image can be read; LONGTAIL.SKIP_BAD_IMAGES cannot replace "
+                       "them. Check the dataset's image files.")
+
+
+def _report_unreadable(reported: set, path: str, error: Exception, where: str) -> None:
+    if path not in reported:  # once per file and process
+        reported.add(path)
+        logger.warning("%s: unreadable image %s (%s) replaced by the next readable one "
+                       "(LONGTAIL.SKIP_BAD_IMAGES).", where, path, error)
+
+
+class ReplacingMapDataset(torch.utils.data.Dataset):
+    """
+    ``dataset_dicts`` mapped by ``mapper`` (map-style), an unreadable image replaced as in the
+    training stream (:func:`map_or_replace`, logged once per file): LOCE's MFS initialisation
+    pass with ``LONGTAIL.SKIP_BAD_IMAGES True``, which detectron2's ``MapDataset`` fallback
+    cannot serve (v0.6's draws from a set, an error on Python >= 3.11).
+    """
+
+    def __init__(self, dataset_dicts: List[Dict], mapper: Callable, where: str):
+        self.dataset = DatasetFromList(dataset_dicts, copy=False)
+        self.landscape = [d.get("width", 1) > d.get("height", 1) for d in dataset_dicts]
+        self.mapper = mapper
+        self.where = where
+        self.reported: set = set()
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def _try(self, index: int) -> Optional[Dict]:
+        record = self.dataset[index]
+        try:
+            return self.mapper(record)
+        except UNREADABLE as e:
+            _report_unreadable(self.reported, record.get("file_name", f"index {index}"), e,
+                               self.where)
+            return None
+
+    def __getitem__(self, index: int) -> Dict:
+        return map_or_replace(index, self._try, self.landscape)[0]
 
 
 def check_image_files(records: Sequence[Dict], dataset: str, skip_bad_images: bool,
@@ -89,12 +152,13 @@ def check_image_files(records: Sequence[Dict], dataset: str, skip_bad_images: bo
             len(records), dataset, max_images,
         )
         return []
-    missing = sorted({r["file_name"] for r in records if not os.path.isfile(r["file_name"])})
+    files = {r["file_name"] for r in records}
+    missing = sorted(f for f in files if not os.path.isfile(f))
     if not missing:
         return missing
     listed = ", ".join(missing[:20]) + (f" (and {len(missing) - 20} more)" if len(missing) > 20
                                         else "")
-    if len(missing) == len({r["file_name"] for r in records}):
+    if len(missing) == len(files):
         raise FileNotFoundError(
             f"None of the {len(records)} training images of {dataset} exists (first: "
             f"{missing[0]}); check the dataset's image root (DETECTRON2_DATASETS)."
@@ -205,7 +269,7 @@ class ResumableBatchStream(IterableDataset):
         record = self.dataset[index]
         try:
             return self.mapper(record)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable files
+        except UNREADABLE as e:
             path = record.get("file_name", f"index {index}")
             if not self.skip_bad_images:
                 msg = (
@@ -217,29 +281,18 @@ class ResumableBatchStream(IterableDataset):
                 except Exception:  # an exception type with another constructor
                     err = RuntimeError(msg)
                 raise err from e
-            if path not in self._reported:
-                self._reported.add(path)
-                logger.warning("Unreadable training image %s (%s): replaced by the next "
-                               "readable one (LONGTAIL.SKIP_BAD_IMAGES).", path, e)
+            _report_unreadable(self._reported, path, e, "Training stream")
             return None
         finally:
             np.random.set_state(np_state)
             random.setstate(py_state)
 
     def _map_or_replace(self, index: int, batch: int, position: int) -> Dict:
-        mapped = self._map(index, batch, position)
-        if mapped is not None:
-            return mapped
-        bad = self.dataset[index].get("file_name", f"index {index}")
-        for candidate in replacement_candidates(index, self.landscape):
-            mapped = self._map(candidate, batch, position)
-            if mapped is not None:
-                mapped[REPLACED_KEY] = bad
-                return mapped
-        raise RuntimeError(
-            f"No training image can be read (the first unreadable one: {bad}); "
-            "LONGTAIL.SKIP_BAD_IMAGES cannot replace them. Check the dataset's image files."
-        )
+        mapped, replaced = map_or_replace(
+            index, lambda i: self._map(i, batch, position), self.landscape)
+        if replaced:
+            mapped[REPLACED_KEY] = self.dataset[index].get("file_name", f"index {index}")
+        return mapped
 
     def __iter__(self):
         info = get_worker_info()

@@ -18,7 +18,7 @@ from detectron2.engine import HookBase
 from detectron2.utils.events import EventStorage
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import replacement_candidates
+from .data import ReplacingMapDataset
 from .samplers import class_balanced_stream
 
 __all__ = ["MemoryInitHook", "build_memory_init_loader", "run_memory_init_pass", "progress_line"]
@@ -37,7 +37,7 @@ def build_memory_init_loader(cfg, dataset=None):
         cfg, dataset, cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS, repeat=False
     )
     if cfg.LONGTAIL.SKIP_BAD_IMAGES:
-        mapped = ReplacingMapDataset(dataset, DatasetMapper(cfg, True))
+        mapped = ReplacingMapDataset(dataset, DatasetMapper(cfg, True), "MFS initialisation pass")
     else:
         mapped = MapDataset(DatasetFromList(dataset, copy=False), DatasetMapper(cfg, True))
     return torch.utils.data.DataLoader(
@@ -59,49 +59,6 @@ def progress_line(done: int, total: int, elapsed: float) -> str:
     eta = hms(elapsed / done * (total - done)) if done > 0 else "?"
     pct = 100.0 * done / total if total > 0 else 100.0
     return f"{done}/{total} steps ({pct:.0f}%), {hms(elapsed)} elapsed, ETA {eta}"
-
-
-class ReplacingMapDataset(torch.utils.data.Dataset):
-    """
-    ``dataset_dicts`` mapped by ``mapper``; a record whose image cannot be read is replaced by the
-    next readable one of the same orientation (:func:`longtail.data.replacement_candidates`,
-    deterministic; logged once per file): the MFS initialisation pass with
-    ``LONGTAIL.SKIP_BAD_IMAGES True``, which detectron2's ``MapDataset`` fallback cannot serve
-    (v0.6's draws from a set, an error on Python >= 3.11).
-    """
-
-    def __init__(self, dataset_dicts, mapper):
-        self.dataset = DatasetFromList(dataset_dicts, copy=False)
-        self.landscape = [d.get("width", 1) > d.get("height", 1) for d in dataset_dicts]
-        self.mapper = mapper
-        self.reported = set()
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def _try(self, index):
-        record = self.dataset[index]
-        try:
-            return self.mapper(record)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable files
-            path = record.get("file_name", f"index {index}")
-            if path not in self.reported:
-                self.reported.add(path)
-                logger.warning("MFS initialisation pass: unreadable image %s (%s) replaced by "
-                               "the next readable one (LONGTAIL.SKIP_BAD_IMAGES).", path, e)
-            return None
-
-    def __getitem__(self, index):
-        mapped = self._try(index)
-        for candidate in ([] if mapped is not None
-                          else replacement_candidates(index, self.landscape)):
-            mapped = self._try(candidate)
-            if mapped is not None:
-                break
-        if mapped is None:
-            raise RuntimeError("No training image can be read; LONGTAIL.SKIP_BAD_IMAGES cannot "
-                               "replace them. Check the dataset's image files.")
-        return mapped
 
 
 @torch.no_grad()
