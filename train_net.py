@@ -20,6 +20,7 @@ import sys
 
 import torch
 from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -27,6 +28,8 @@ from detectron2.utils.logger import setup_logger
 
 import longtail
 from longtail import Trainer, add_longtail_config, launch
+from longtail.custom_datasets import register_from_config
+from longtail.datasets import resolve_num_classes
 from longtail.launch import resolve_dist_url
 from longtail.memory import object_memories
 from longtail.weights import check_initial_weights, load_weights_for_evaluation
@@ -44,6 +47,11 @@ def setup(args):
     add_longtail_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    # LONGTAIL.REGISTER_DATASETS, then NUM_CLASSES from the training json when left at default
+    # (before the loggers exist: what was done is logged below)
+    declared = register_from_config(cfg)
+    default_num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    num_classes = resolve_num_classes(cfg)
     cpu_fallback = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
     if cpu_fallback:
         cfg.MODEL.DEVICE = "cpu"
@@ -55,6 +63,14 @@ def setup(args):
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="longtail")
     if cpu_fallback:
         logging.getLogger("detectron2").warning("CUDA is not available: MODEL.DEVICE set to cpu.")
+    for name in declared:
+        meta = MetadataCatalog.get(name)
+        logger.info("Dataset %s (LONGTAIL.REGISTER_DATASETS): %s, images in %s; read through %s",
+                    name, meta.longtail_source_json, meta.image_root, meta.json_file)
+    if num_classes is not None and num_classes != default_num_classes:
+        logger.info("MODEL.ROI_HEADS.NUM_CLASSES was left at detectron2's default (%d): set to %d, "
+                    "the categories of %s.", default_num_classes, num_classes,
+                    (cfg.DATASETS.TRAIN or cfg.DATASETS.TEST)[0])
     return cfg
 
 

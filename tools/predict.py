@@ -76,11 +76,15 @@ def setup_cfg(args):
     from detectron2.config import get_cfg
 
     from longtail import add_longtail_config
+    from longtail.custom_datasets import register_from_config
+    from longtail.datasets import resolve_num_classes
 
     cfg = get_cfg()
     add_longtail_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    register_from_config(cfg)  # LONGTAIL.REGISTER_DATASETS: class names and r/c/f
+    resolve_num_classes(cfg)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     # keep low-score detections in the model's output; --confidence-threshold filters after

@@ -123,6 +123,13 @@ def add_longtail_config(cfg: CN) -> CN:
     # L2 norm of all gradients together at CLIP_VALUE (MMDetection's grad_clip; BAGS uses 35).
 
     _C.LONGTAIL = CN()
+    # Datasets declared in the config (longtail.custom_datasets): a list of
+    # [name, json_file, image_root] or [name, json_file, image_root, format] (format "auto",
+    # "lvis" or "coco"), each registered under ``name`` for DATASETS.TRAIN / DATASETS.TEST before
+    # the model is built; LVIS- and COCO-format instance jsons, evaluated under the LVIS protocol,
+    # class statistics from the training json. Command line:
+    # LONGTAIL.REGISTER_DATASETS "[('mine_train','train.json','images/')]".
+    _C.LONGTAIL.REGISTER_DATASETS = []
     # A training image that cannot be read (missing, corrupt): False fails with its path; True
     # replaces it by the next readable training record of the same orientation (dataset order,
     # deterministic, the same in a resumed run), logs a warning naming both files and counts it

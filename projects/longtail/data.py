@@ -139,12 +139,13 @@ class ReplacingMapDataset(torch.utils.data.Dataset):
 
 
 def check_image_files(records: Sequence[Dict], dataset: str, skip_bad_images: bool,
-                      max_images: int) -> List[str]:
+                      max_images: int, role: str = "training") -> List[str]:
     """
     Check that the ``file_name`` of every record exists. Missing files raise one
     FileNotFoundError listing them (the first 20 and the count), or, with ``skip_bad_images``,
     are logged as a warning (the stream replaces them when drawn). Datasets with more than
     ``max_images`` records (``> 0``) are not checked (logged). Returns the missing paths.
+    ``role`` ("training", "evaluation") names the images in the messages.
     """
     if max_images > 0 and len(records) > max_images:
         logger.info(
@@ -160,8 +161,9 @@ def check_image_files(records: Sequence[Dict], dataset: str, skip_bad_images: bo
                                         else "")
     if len(missing) == len(files):
         raise FileNotFoundError(
-            f"None of the {len(records)} training images of {dataset} exists (first: "
-            f"{missing[0]}); check the dataset's image root (DETECTRON2_DATASETS)."
+            f"None of the {len(records)} {role} images of {dataset} exists (first: "
+            f"{missing[0]}); check the dataset's image root (DETECTRON2_DATASETS, or the image_root of its "
+            "LONGTAIL.REGISTER_DATASETS entry)."
         )
     if skip_bad_images:
         logger.warning(
@@ -170,9 +172,10 @@ def check_image_files(records: Sequence[Dict], dataset: str, skip_bad_images: bo
         )
         return missing
     raise FileNotFoundError(
-        f"{len(missing)} training image file(s) of {dataset} are missing: {listed}. Restore them, "
-        "remove their records from the dataset, or set LONGTAIL.SKIP_BAD_IMAGES True to replace "
-        "them by other images when drawn (LONGTAIL.CHECK_IMAGES False skips this check)."
+        f"{len(missing)} {role} image file(s) of {dataset} are missing: {listed}. Restore them, "
+        "remove their records from the dataset"
+        + (", or set LONGTAIL.SKIP_BAD_IMAGES True to replace them by other images when drawn "
+           "(LONGTAIL.CHECK_IMAGES False skips this check)." if role == "training" else ".")
     )
 
 

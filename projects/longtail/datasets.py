@@ -60,6 +60,12 @@ __all__ = [
     "class_stats_from_json",
     "train_metadata",
     "json_parse_count",
+    "parse_instances_json",
+    "check_category_ids",
+    "class_stats_of",
+    "stats_of_parsed",
+    "resolve_num_classes",
+    "D2_DEFAULT_NUM_CLASSES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,6 +118,12 @@ def _file_key(json_file: str) -> Tuple:
     return (os.path.realpath(json_file), st.st_mtime_ns, st.st_size)
 
 
+def parse_instances_json(json_file: str) -> Dict:
+    """Parse ``json_file`` (counted by :func:`json_parse_count`); ValueError unless it is an
+    instances json."""
+    return _parse(json_file)
+
+
 def _parse(json_file: str) -> Dict:
     with open(json_file) as f:
         data = json.load(f)
@@ -157,6 +169,12 @@ def _valid_box(ann: Dict) -> bool:
     """Annotations whose box has positive width and height (the ones loading keeps)."""
     bbox = ann.get("bbox")
     return bbox is not None and len(bbox) == 4 and bbox[2] > 0 and bbox[3] > 0
+
+
+def check_category_ids(data: Dict, json_file: str) -> int:
+    """Every annotation's ``category_id`` is among the ``categories``, whose ids are ``1..C``;
+    ValueError naming ``json_file`` and the offending ids otherwise. Returns C."""
+    return _check_category_ids(data, json_file)
 
 
 def _check_category_ids(data: Dict, json_file: str) -> int:
@@ -205,6 +223,18 @@ def _class_stats(data: Dict, json_file: str) -> Dict:
         FREQUENCY: frequency,
         NUM_TRAIN_IMAGES: len(images),
     }
+
+
+def class_stats_of(data: Dict, json_file: str) -> Dict:
+    """The statistics (module docstring) of a parsed json with checked category ids; not
+    cached."""
+    return _class_stats(data, json_file)
+
+
+def stats_of_parsed(data: Dict, json_file: str) -> Dict:
+    """:func:`class_stats_from_json` of the already parsed ``data`` of ``json_file`` (checked and
+    cached per file)."""
+    return _stats_of_parsed(data, json_file)
 
 
 def _stats_of_parsed(data: Dict, json_file: str) -> Dict:
@@ -359,7 +389,7 @@ def _prepare_files(dataset_name: str) -> None:
     meta = MetadataCatalog.get(dataset_name)
     prepare = meta.get("longtail_prepare", None)
     if prepare is not None:
-        prepare()
+        prepare()  # also checks the files of datasets it owns (custom_datasets)
     json_file = meta.get("json_file", None)
     if json_file is not None:
         _check_exists(dataset_name, "annotation file", json_file)
@@ -409,7 +439,9 @@ def prepare_datasets(dataset_names: Iterable[str], num_classes: Optional[int] = 
             lt = sorted(n for n in registered if n.startswith(("longtail_", "lvis_", "rehearsal_")))
             raise KeyError(
                 f"Dataset {name!r} (DATASETS.TRAIN / DATASETS.TEST) is not registered. "
-                f"Long-tail datasets available: {', '.join(lt)}."
+                f"Long-tail datasets available: {', '.join(lt)}. Your own LVIS- or COCO-format "
+                "json: declare it in LONGTAIL.REGISTER_DATASETS (README, 'Train on your own "
+                "data')."
             )
         _prepare_files(name)
         meta = MetadataCatalog.get(name)
@@ -434,6 +466,37 @@ def prepare_datasets(dataset_names: Iterable[str], num_classes: Optional[int] = 
             *(stats[FREQUENCY].count(b) for b in "rcf"),
             stats_json,
         )
+
+
+# detectron2's default of MODEL.ROI_HEADS.NUM_CLASSES (COCO's 80): "left at its default"
+D2_DEFAULT_NUM_CLASSES = 80
+
+
+def resolve_num_classes(cfg) -> Optional[int]:
+    """
+    ``MODEL.ROI_HEADS.NUM_CLASSES`` left at detectron2's default (80) becomes the number of
+    categories of the training dataset (else the first test dataset) when the project knows it
+    (datasets with class statistics: the embedded ones, LVIS, ``LONGTAIL.REGISTER_DATASETS``);
+    ``cfg`` must not be frozen. Any other value is kept, and :func:`prepare_datasets` refuses it
+    with the number to set if it is wrong. Returns the number set, or None.
+    """
+    names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+    if cfg.MODEL.ROI_HEADS.NUM_CLASSES != D2_DEFAULT_NUM_CLASSES or not names:
+        return None
+    if names[0] not in DatasetCatalog.list():
+        return None  # prepare_datasets says what is available
+    source = MetadataCatalog.get(names[0]).get("class_stats_source", None)
+    if source is None:
+        return None
+    prepare_files([source])
+    stats_json = MetadataCatalog.get(source).json_file
+    n = len(class_stats_from_json(stats_json)["thing_classes"])
+    if n != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        logger.info("MODEL.ROI_HEADS.NUM_CLASSES was left at detectron2's default (%d): set to "
+                    "%d, the categories of %s (%s).", D2_DEFAULT_NUM_CLASSES, n, names[0],
+                    stats_json)
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = n
+    return n
 
 
 _register_all_synthetic()

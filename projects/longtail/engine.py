@@ -2,7 +2,9 @@
 
 Differences from ``DefaultTrainer``:
 
-* before the model is built, :func:`longtail.datasets.prepare_datasets` checks the datasets,
+* the datasets of ``LONGTAIL.REGISTER_DATASETS`` are registered
+  (:func:`longtail.custom_datasets.register_from_config`); before the model is built,
+  :func:`longtail.datasets.prepare_datasets` checks the datasets,
   generates the synthetic one if needed and attaches the class statistics the methods use;
   after it is built, ``MODEL.LONGTAIL.TRAINABLE_PREFIXES`` freezes the rest (decoupled
   training, :mod:`longtail.freeze`);
@@ -43,6 +45,7 @@ from .data import (
     count_replaced_images,
 )
 from .state import install_nonfinite_guard
+from .custom_datasets import register_from_config
 from .datasets import prepare_datasets, prepare_files
 from .evaluation import build_lvis_evaluator
 from .inference import enable_topk_per_class
@@ -92,6 +95,7 @@ def load_train_dicts(cfg):
     """The training records of ``cfg.DATASETS.TRAIN`` (files prepared first), as detectron2 loads
     them for its training loader; with ``LONGTAIL.CHECK_IMAGES``, every image file is checked to
     exist (:func:`longtail.data.check_image_files`)."""
+    register_from_config(cfg)
     prepare_files(list(cfg.DATASETS.TRAIN))
     dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
@@ -267,6 +271,7 @@ class Trainer(DefaultTrainer):
         Method keys that detectron2's ROI heads would ignore are refused first."""
         check_longtail_config(cfg)
         refuse_method_keys_without_longtail_heads(cfg)
+        register_from_config(cfg)  # LONGTAIL.REGISTER_DATASETS (idempotent)
         prepare_datasets(
             list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), cfg.MODEL.ROI_HEADS.NUM_CLASSES
         )

@@ -37,6 +37,11 @@ Layout on disk (see :func:`dataset_paths`)::
     root/annotations/lvis_synth_val.json
     root/SPEC.json                 (config + fingerprint, written last)
 
+With ``annotation_format="coco"`` (``--format coco``) the same images come with COCO instances
+jsons instead (``annotations/instances_{train,val}.json``, :func:`coco_format`), the form in which
+most users' own data arrives; ``train_net.py`` registers them through
+``LONGTAIL.REGISTER_DATASETS`` (:mod:`longtail.custom_datasets`).
+
 Everything is a deterministic function of :class:`SyntheticConfig`: every image draws from its own
 random stream seeded by ``(seed, split, index)``.
 """
@@ -80,6 +85,7 @@ __all__ = [
     "assign_categories",
     "render_image",
     "dataset_paths",
+    "coco_format",
     "generate",
     "ensure_dataset",
 ]
@@ -114,6 +120,7 @@ _SUPERSAMPLE = 4
 SPEC_FILE = "SPEC.json"
 _TRAIN_JSON = os.path.join("annotations", "lvis_synth_train.json")
 _VAL_JSON = os.path.join("annotations", "lvis_synth_val.json")
+_COCO_JSON = os.path.join("annotations", "instances_{}.json")
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,10 @@ class SyntheticConfig:
     # sets of 3 members per family (1, 2 or 3): 16 x 3 x attribute_sets categories, each set with
     # one frequent, one common and one rare member (see category_plan)
     attribute_sets: int = 1
+    # "lvis" (LVIS v1 jsons, the embedded dataset) or "coco": COCO instances jsons
+    # (annotations/instances_{train,val}.json, file names relative to root/{train,val}, no
+    # frequency / federated fields, iscrowd 0) of the same images, for "train on your own data"
+    annotation_format: str = "lvis"
 
     def __post_init__(self):
         if not 1 <= self.min_side <= self.max_side:
@@ -177,16 +188,22 @@ class SyntheticConfig:
         if self.attribute_sets not in (1, 2, 3):
             raise ValueError("attribute_sets must be 1, 2 or 3 (48, 96 or 144 categories), got "
                              "{}".format(self.attribute_sets))
+        if self.annotation_format not in ("lvis", "coco"):
+            raise ValueError("annotation_format must be 'lvis' or 'coco', got "
+                             "{!r}".format(self.annotation_format))
 
     def fingerprint(self) -> str:
         """A stable 16-hex-digit hash of all fields and :data:`GENERATOR_VERSION`.
 
-        ``attribute_sets`` (added later) enters only when it is not 1, so datasets generated
-        before it existed keep their fingerprint (their files are unchanged).
+        ``attribute_sets`` and ``annotation_format`` (added later) enter only when they are not
+        1 / "lvis", so datasets generated before they existed keep their fingerprint (their
+        files are unchanged).
         """
         config = dataclasses.asdict(self)
         if config["attribute_sets"] == 1:
             del config["attribute_sets"]
+        if config["annotation_format"] == "lvis":
+            del config["annotation_format"]
         payload = {"generator_version": GENERATOR_VERSION, "config": config}
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -815,6 +832,27 @@ def _summary(plan: Sequence[dict], stats: Dict[int, dict], split_data: dict) -> 
     return out
 
 
+def coco_format(images: Sequence[dict], annotations: Sequence[dict], plan: Sequence[dict],
+                split: str) -> dict:
+    """
+    One split in COCO instances format: file names relative to the split's image folder, no
+    LVIS fields (``neg_category_ids``, ``not_exhaustive_category_ids``, ``frequency``,
+    ``coco_url``), ``iscrowd`` 0 and ``supercategory`` = the shape family. Every object of the
+    generator is annotated, so the COCO reading (exhaustive annotation) is true of this data.
+    """
+    prefix = split + "/"
+    out_images = []
+    for im in images:
+        name = im["file_name"]
+        if not name.startswith(prefix):
+            raise ValueError("unexpected file name {!r} in split {}".format(name, split))
+        out_images.append({"id": im["id"], "width": im["width"], "height": im["height"],
+                           "file_name": name[len(prefix):]})
+    out_annotations = [dict(a, iscrowd=0) for a in annotations]
+    categories = [{"id": e["id"], "name": e["name"], "supercategory": e["family"]} for e in plan]
+    return {"images": out_images, "annotations": out_annotations, "categories": categories}
+
+
 def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, separators=(",", ":"))
@@ -823,12 +861,21 @@ def _write_json(path: str, obj) -> None:
 # ------------------------------------------------------------------------------------------------
 # Public entry points
 # ------------------------------------------------------------------------------------------------
-def dataset_paths(root: str) -> Dict[str, str]:
+def dataset_paths(root: str, annotation_format: str = "lvis") -> Dict[str, str]:
     """
-    Paths of a dataset rooted at ``root``. ``image_root`` ends with "/" because detectron2 0.6
-    joins it with the split folder taken from ``coco_url``.
+    Paths of a dataset rooted at ``root``. LVIS format: ``train_json``, ``val_json`` and one
+    ``image_root`` (ends with "/" because detectron2 0.6 joins it with the split folder taken from
+    ``coco_url``). COCO format: ``train_json``, ``val_json``, ``train_images``, ``val_images``.
     """
     root = os.path.abspath(root)
+    if annotation_format == "coco":
+        return {
+            "root": root,
+            "train_json": os.path.join(root, _COCO_JSON.format("train")),
+            "val_json": os.path.join(root, _COCO_JSON.format("val")),
+            "train_images": os.path.join(root, "train"),
+            "val_images": os.path.join(root, "val"),
+        }
     return {
         "root": root,
         "train_json": os.path.join(root, _TRAIN_JSON),
@@ -880,6 +927,10 @@ def _build(root: str, cfg: SyntheticConfig) -> Dict[str, str]:
         os.makedirs(os.path.join(tmp, "annotations"))
         for split, rel in (("train", _TRAIN_JSON), ("val", _VAL_JSON)):
             images, annotations = split_data[split]
+            if cfg.annotation_format == "coco":
+                _write_json(os.path.join(tmp, _COCO_JSON.format(split)), dict(
+                    info=info, licenses=[], **coco_format(images, annotations, plan, split)))
+                continue
             _write_json(os.path.join(tmp, rel), {
                 "info": info, "licenses": [], "images": images,
                 "annotations": annotations, "categories": categories})
@@ -891,9 +942,10 @@ def _build(root: str, cfg: SyntheticConfig) -> Dict[str, str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("Generated synthetic LVIS dataset at %s in %.1f s: %s", root,
-                time.perf_counter() - start, json.dumps(spec["summary"]))
-    return dataset_paths(root)
+    logger.info("Generated synthetic %s-format dataset at %s in %.1f s: %s",
+                cfg.annotation_format.upper(), root, time.perf_counter() - start,
+                json.dumps(spec["summary"]))
+    return dataset_paths(root, cfg.annotation_format)
 
 
 def generate(root: str, cfg: SyntheticConfig = SyntheticConfig()) -> Dict[str, str]:
@@ -931,15 +983,15 @@ def ensure_dataset(root: str, cfg: SyntheticConfig = SyntheticConfig()) -> Dict[
     root = os.path.abspath(root)
     fingerprint = cfg.fingerprint()
     if _read_fingerprint(root) == fingerprint:
-        return dataset_paths(root)
+        return dataset_paths(root, cfg.annotation_format)
     with _locked(root):
         if _read_fingerprint(root) == fingerprint:
-            return dataset_paths(root)
+            return dataset_paths(root, cfg.annotation_format)
         return _build(root, cfg)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: ``python -m longtail.synthetic ROOT [--seed N] [--force] ...``."""
+    """Command line (``tools/generate_dataset.py``): ``ROOT [--format coco] [--seed N] [--force] ...``."""
     defaults = SyntheticConfig()
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("root", help="dataset directory (created or replaced atomically)")
@@ -948,12 +1000,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--num-val-images", type=int, default=defaults.num_val_images)
     parser.add_argument("--attribute-sets", type=int, default=defaults.attribute_sets,
                         choices=(1, 2, 3), help="48, 96 or 144 categories")
+    parser.add_argument("--format", dest="annotation_format", default=defaults.annotation_format,
+                        choices=("lvis", "coco"),
+                        help="lvis: LVIS v1 jsons (the embedded dataset); coco: COCO instances "
+                             "jsons annotations/instances_{train,val}.json, images in "
+                             "train/ and val/")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = dataclasses.replace(defaults, seed=args.seed, num_train_images=args.num_train_images,
                               num_val_images=args.num_val_images,
-                              attribute_sets=args.attribute_sets)
+                              attribute_sets=args.attribute_sets,
+                              annotation_format=args.annotation_format)
     paths = (generate if args.force else ensure_dataset)(args.root, cfg)
     print(json.dumps(paths, indent=2))
     return 0
