@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import numpy as np
 import torch
 from torch import nn
 
@@ -103,19 +104,28 @@ def test_group_tables_ascending_ids_within_group():
     assert t.class_group.tolist() == [4, 1, 2, 1, 4, 1, 2, 3]
 
 
-def test_lvis_v05_group_sizes_and_slices():
-    counts = _counts_with_bins([294, 453, 302, 181])
+def test_group_sizes_and_slices_on_lvis_like_counts():
+    # 1230 classes with long-tailed instance counts (log-uniform over 1..50,000, seeded), binned
+    # here by hand with the default edges (10, 100, 1000), independently of build_group_tables
+    rng = np.random.default_rng(5)
+    counts = np.floor(np.exp(rng.uniform(0, np.log(50000), size=1230))).astype(int).tolist()
+    sizes = [sum(1 for n in counts if lo <= n < hi)
+             for lo, hi in ((0, 10), (10, 100), (100, 1000), (1000, 10**9))]
+    assert all(size > 0 for size in sizes)
     t = build_group_tables(counts)
-    assert t.num_classes == 1230 and t.num_groups == 4 and t.num_logits == 1236
-    assert t.group_sizes.tolist() == [294, 453, 302, 181]
-    assert [tuple(s) for s in t.slices.tolist()] == [
-        (0, 2),
-        (2, 295),
-        (297, 454),
-        (751, 303),
-        (1054, 182),
-    ]
-    assert int(t.slices[:, 1].max()) == 454 and t.column_group.shape == (1236,)
+    assert t.num_classes == 1230 and t.num_groups == 4 and t.num_logits == 1230 + 2 + 4
+    assert t.group_sizes.tolist() == sizes
+    starts = [0, 2]
+    for size in sizes[:-1]:
+        starts.append(starts[-1] + size + 1)
+    assert [tuple(x) for x in t.slices.tolist()] == list(
+        zip(starts, [2] + [size + 1 for size in sizes]))
+    # every class sits in the group of its own bin, at its rank among that group's class ids
+    for k in (0, 1, 617, 1229):
+        g = next(i for i, (lo, hi) in enumerate(((0, 10), (10, 100), (100, 1000), (1000, 10**9)))
+                 if lo <= counts[k] < hi) + 1
+        rank = sum(1 for j in range(k) if t.class_group[j] == g) + 1
+        assert int(t.class_group[k]) == g and int(t.class_index[k]) == rank
 
 
 def test_empty_bins_dropped_and_methods_still_work():

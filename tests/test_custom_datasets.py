@@ -282,7 +282,7 @@ TRAIN_SHORT = ["SOLVER.MAX_ITER", "10", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WAR
     ("configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml", []),
     # LOCE stage 2 (EBL + MFS) from scratch weights: the data path is under test, not stage 1
     ("configs/Synthetic/loce_stage2_ebl_mfs.yaml",
-     ["MODEL.WEIGHTS", "", "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", "1"]),
+     ["MODEL.WEIGHTS", "", "MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS", "1"]),
 ], ids=["rfs", "loce_stage2"])
 @pytest.mark.parametrize("fmt", ["coco", "lvis"])
 def test_train_10_iterations_on_datasets_declared_by_overrides(fmt, config, extra, coco_root,
@@ -309,7 +309,7 @@ def test_train_10_iterations_on_datasets_declared_by_overrides(fmt, config, extr
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     if "loce" in config:
         roi = trainer.model.roi_heads
-        assert roi.box_predictor.cls_loss == "ebl"
+        assert roi.box_predictor.cls_loss.name == "ebl"
         assert len(trainer.train_dicts) == (120 if fmt == "coco" else 300)
 
 

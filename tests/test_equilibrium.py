@@ -89,10 +89,18 @@ def test_ebl_chunks_mean_of_per_chunk_losses():
 
 
 def test_ebl_empty_batch_is_zero_with_grad():
+    # an empty batch (no RoIs) still gives a loss that is part of the graph: backward runs and
+    # the logits get a (0-row) gradient, and a head with rows of its own is unaffected
     z = torch.zeros(0, 5, requires_grad=True)
     loss = equilibrium_loss(z, torch.zeros(0, dtype=torch.long), torch.full((5,), 0.01))
+    assert loss.requires_grad and loss.item() == 0.0
     loss.backward()
-    assert loss.item() == 0.0
+    assert z.grad is not None and z.grad.shape == (0, 5)
+    w = torch.ones(3, requires_grad=True)
+    z2 = torch.zeros(0, 5, requires_grad=True)
+    empty = equilibrium_loss(z2, torch.zeros(0, dtype=torch.long), torch.full((5,), 0.01))
+    (empty + (w * 2).sum()).backward()
+    assert torch.equal(w.grad, torch.full((3,), 2.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -35,7 +35,7 @@ COMMON = [
 CHAINS = {
     # config, extra options, MFS initialisation steps per process (1 image per class and VGPU)
     "loce_mfs": ("configs/Synthetic/loce_stage2_ebl_mfs.yaml",
-                 ["MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", "1"]),
+                 ["MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS", "1"]),
     "bags": ("configs/Synthetic/bags_stage2.yaml", []),
 }
 # (chain, processes) -> kills: 10 per layout with the LOCE chain; BAGS adds its tables

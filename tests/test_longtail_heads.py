@@ -1,5 +1,7 @@
 """LongTailROIHeads / LongTailFastRCNNOutputLayers / decoupled training, on small models."""
 import io
+import os
+import re
 
 import pytest
 import torch
@@ -9,11 +11,12 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
+from torch.nn import functional as F
 
 from longtail import Trainer, add_longtail_config
 from longtail.datasets import FREQUENCY, INSTANCE_COUNT
 from longtail.equilibrium import equilibrium_loss, update_mean_scores
-from longtail.predictor import dense_group_ids
+from longtail.cls_losses import dense_group_ids
 
 MINI = ("longtail_synth_mini_train",)
 LOCE_STAGE2 = ["proposal_generator.", "roi_heads.box_predictor.", "roi_heads.mask_head."]
@@ -93,7 +96,7 @@ def test_ebl_updates_mean_scores_before_the_loss_with_true_offsets():
         props.append(p)
     scores = torch.randn(812, C + 1, requires_grad=True)
     deltas = torch.randn(812, 4 * C, requires_grad=True)
-    m0 = pred.mean_score.mean_scores.clone()
+    m0 = pred.cls_loss.mean_scores.clone()
     with EventStorage(0):
         losses = pred.losses((scores, deltas), props)
     # expected entries: per instance the mean over its 4 rows of p[., y]
@@ -106,7 +109,7 @@ def test_ebl_updates_mean_scores_before_the_loss_with_true_offsets():
             sums[5 + k] += prob[rows, 5 + k].mean()
             counts[5 + k] += 1
     m1 = update_mean_scores(m0, sums, counts, 0.9, 0.01)
-    assert torch.allclose(pred.mean_score.mean_scores, m1, atol=1e-7)
+    assert torch.allclose(pred.cls_loss.mean_scores, m1, atol=1e-7)
     labels = torch.cat([p.gt_classes for p in props])
     assert torch.allclose(losses["loss_cls"], equilibrium_loss(scores, labels, m1), rtol=1e-6)
     assert counts[5] == 2 and counts[6] == 2 and counts[7] == 1  # one entry per instance
@@ -115,12 +118,12 @@ def test_ebl_updates_mean_scores_before_the_loss_with_true_offsets():
 def test_mean_scores_survive_checkpoint_bit_for_bit(tmp_path):
     cfg = make_cfg("ebl")
     model = Trainer.build_model(cfg)
-    m = model.roi_heads.box_predictor.mean_score.mean_scores
+    m = model.roi_heads.box_predictor.cls_loss.mean_scores
     m.copy_(torch.rand_like(m))
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("ckpt")
     other = Trainer.build_model(cfg)
     DetectionCheckpointer(other).load(str(tmp_path / "ckpt.pth"))
-    assert torch.equal(other.roi_heads.box_predictor.mean_score.mean_scores, m)
+    assert torch.equal(other.roi_heads.box_predictor.cls_loss.mean_scores, m)
 
 
 def test_decoupled_training_freezes_the_rest():
@@ -169,12 +172,20 @@ def test_bags_predictor_layout_and_inference():
     boxes = pred.predict_boxes(predictions, [props])
     inst, _ = fast_rcnn_inference(boxes, (probs,), [(80, 80)], 0.0, 0.5, 300)
     assert len(inst[0]) <= 300 and (inst[0].scores > 0).all()
-    # a training step runs and moves only the classifier
+    # a training step (forward, backward, optimizer step) moves the classifier and nothing else
     data = batch_of(cfg)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = Trainer.build_optimizer(cfg, model)
     model.train()
     with EventStorage(0):
         losses = model(data)
     assert torch.isfinite(losses["loss_cls"])
+    sum(losses.values()).backward()
+    optimizer.step()
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"roi_heads.box_predictor.cls_score.weight",
+                     "roi_heads.box_predictor.cls_score.bias"}
 
 
 def test_bad_configuration_fails_at_build_time():
@@ -229,3 +240,54 @@ def test_method_keys_without_the_project_heads_are_refused(key, value):
     cfg.merge_from_list([key, value])
     with pytest.raises(ValueError, match=f"{key} .*MODEL.ROI_HEADS.NAME LongTailROIHeads"):
         Trainer.build_model(cfg)
+
+
+def test_predictor_and_roi_heads_dispatch_on_no_method_name():
+    # the loss, the classifier layer and the memory policy are registered parts: no branch on
+    # their names is left in the shared classes
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "projects", "longtail")
+    for name in ("predictor.py", "roi_heads.py"):
+        with open(os.path.join(root, name)) as f:
+            code = f.read()
+        for pattern in (r"cls_loss\s*[!=]=", r"cls_layer\s*[!=]=", r"memory_policy\s*[!=]=",
+                        r"POLICY\s*[!=]=", r"CLS_LOSS\s*[!=]=", r"[\"'](ebl|bags|softmax_ce|rio|"
+                        r"mfs|cosine)[\"']"):
+            assert not re.search(pattern, code), (name, pattern)
+
+
+def test_a_new_loss_is_one_registered_class():
+    from longtail.cls_losses import CLS_LOSS_REGISTRY, ClassificationLoss, LossBatch, register_loss
+    from longtail.equilibrium import chunk_mean
+
+    class LabelSmoothingCE(ClassificationLoss):
+        """Softmax CE with label smoothing 0.1: defined here, registered, selected by name."""
+
+        def forward(self, scores, labels, batch: LossBatch):
+            per_row = F.cross_entropy(scores.float(), labels, reduction="none",
+                                      label_smoothing=0.1)
+            return {"loss_cls": chunk_mean(per_row, batch.chunk, batch.num_chunks,
+                                           batch.weights)}
+
+    if "test_label_smoothing" not in CLS_LOSS_REGISTRY:
+        register_loss("test_label_smoothing")(LabelSmoothingCE)
+    cfg = make_cfg("test_label_smoothing")
+    model = Trainer.build_model(cfg)
+    pred = model.roi_heads.box_predictor
+    assert type(pred.cls_loss).__name__ == "LabelSmoothingCE"
+    data = batch_of(cfg)
+    model.train()
+    with EventStorage(0):
+        losses = model(data)
+    # the step's classification loss is the smoothed CE of the predictor's own logits
+    assert torch.isfinite(losses["loss_cls"]) and losses["loss_cls"] > 0
+    x = torch.randn(6, pred.cls_score.in_features)
+    scores, _ = pred(x)
+    labels = torch.tensor([0, 1, 2, 3, 4, pred.num_classes])
+    props = Instances((80, 80))
+    props.proposal_boxes = Boxes(torch.tensor([[5.0, 5, 30, 30]]).repeat(6, 1))
+    props.gt_boxes = props.proposal_boxes
+    props.gt_classes = labels
+    with EventStorage(0):
+        got = pred.losses((scores, torch.zeros(6, 4 * pred.num_classes)), [props])["loss_cls"]
+    torch.testing.assert_close(got, F.cross_entropy(scores, labels, label_smoothing=0.1))

@@ -329,10 +329,10 @@ def test_invalid_memory_rows_count_nowhere():
     m0 = torch.rand(C + 1) * 0.5
     out = []
     for rows in (valid_rows, with_invalid):
-        pred.mean_score.mean_scores.copy_(m0)
+        pred.cls_loss.mean_scores.copy_(m0)
         with EventStorage(0):
             losses = pred.losses(pred(torch.cat([x, rows.features])), props, rows)
-        out.append((losses, pred.mean_score.mean_scores.clone()))
+        out.append((losses, pred.cls_loss.mean_scores.clone()))
     (a, ma), (b, mb) = out
     assert torch.allclose(a["loss_cls"], b["loss_cls"], rtol=1e-6)
     assert torch.allclose(a["loss_box_reg"], b["loss_box_reg"], rtol=1e-6)
@@ -416,8 +416,8 @@ def test_mfs_step_uses_the_mean_scores_of_before_the_update(monkeypatch):
     heads = model.roi_heads
     pred = heads.box_predictor
     m0 = torch.rand(pred.num_classes + 1) * 0.3 + 0.01
-    pred.mean_score.mean_scores.copy_(m0)
-    import longtail.roi_heads as rh
+    pred.cls_loss.mean_scores.copy_(m0)
+    import longtail.memory_policies as rh
 
     seen = []
     real = rh.mfs_class_probabilities
@@ -432,7 +432,7 @@ def test_mfs_step_uses_the_mean_scores_of_before_the_update(monkeypatch):
     with EventStorage(0):
         losses = model(data)
     assert torch.equal(seen[0], m0)  # sampling with the old m
-    assert not torch.equal(pred.mean_score.mean_scores, m0)  # updated within the step
+    assert not torch.equal(pred.cls_loss.mean_scores, m0)  # updated within the step
     # every gt box of the batch was jittered and pushed (first 80 per class and bank)
     n_gt = sum(len(d["instances"]) for d in data)
     assert 0 < int(heads.memory.fill.sum()) <= 16 * n_gt
@@ -500,7 +500,7 @@ def test_bad_memory_configuration_fails_at_build_time():
     cfg.DATASETS.TRAIN = ("longtail_test_memory_no_meta",)
     with pytest.raises(ValueError, match=IMAGE_COUNT):
         build_model(cfg)
-    cfg = make_cfg(**{"MODEL.MEMORY.RIO.CACHE_MAX_IMAGE_COUNT": 0})
+    cfg = make_cfg(**{"MODEL.RIO.CACHE_MAX_IMAGE_COUNT": 0})
     with pytest.raises(ValueError, match="CACHE_MAX_IMAGE_COUNT"):
         build_model(cfg)
     cfg = make_cfg(**{"MODEL.ROI_BOX_HEAD.NUM_FC": 0, "MODEL.ROI_BOX_HEAD.NUM_CONV": 1})
@@ -552,7 +552,7 @@ def test_init_pass_replaces_unreadable_images_with_skip_bad_images(tmp_path, cap
 
     cfg = make_cfg(
         "configs/Synthetic/loce_stage2_ebl_mfs.yaml",
-        **{"MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS": 1, "MODEL.LONGTAIL.IMS_PER_VGPU": 2},
+        **{"MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS": 1, "MODEL.LONGTAIL.IMS_PER_VGPU": 2},
     )
     Trainer.build_model(cfg)  # registers the metadata
     dicts = [dict(d) for d in get_detection_dataset_dicts(cfg.DATASETS.TRAIN)]
@@ -574,7 +574,7 @@ def test_init_pass_replaces_unreadable_images_with_skip_bad_images(tmp_path, cap
 def test_init_pass_fills_every_class_and_changes_no_parameter(caplog):
     cfg = make_cfg(
         "configs/Synthetic/loce_stage2_ebl_mfs.yaml",
-        **{"MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS": 1, "MODEL.LONGTAIL.IMS_PER_VGPU": 2},
+        **{"MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS": 1, "MODEL.LONGTAIL.IMS_PER_VGPU": 2},
     )
     model = Trainer.build_model(cfg)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -591,7 +591,7 @@ def test_init_pass_fills_every_class_and_changes_no_parameter(caplog):
     assert progress[0].startswith(f"MFS initialisation pass: 1/{steps} steps")
     fill = model.roi_heads.memory.fill_counts()
     assert (fill[:, with_images] > 0).all()
-    m = model.roi_heads.box_predictor.mean_score.mean_scores
+    m = model.roi_heads.box_predictor.cls_loss.mean_scores
     assert (m[with_images] != 0.01).all() and m[-1] == 0.01
     for n, p in model.named_parameters():
         assert torch.equal(p, params[n]), n
@@ -620,20 +620,15 @@ def test_cosine_classifier():
 
 
 def test_memory_random_streams_reproducible_and_distinct_per_rank(monkeypatch):
-    import longtail.roi_heads as rh
-
-    model = Trainer.build_model(make_cfg("configs/Synthetic/loce_stage2_ebl_mfs.yaml"))
-    heads = model.roi_heads
+    import longtail.memory_policies as mp
 
     def draws(rank, it, purpose=2, init_step=-1):
-        monkeypatch.setattr(rh.comm, "get_rank", lambda: rank)
-        heads.init_step = init_step
+        monkeypatch.setattr(mp.comm, "get_rank", lambda: rank)
         with EventStorage(it):
-            return torch.rand(8, generator=heads._generator("cpu", purpose))
+            return torch.rand(8, generator=mp.step_generator("cpu", 0, init_step, purpose))
 
     assert torch.equal(draws(0, 5), draws(0, 5))  # reproducible for a seed
     assert not torch.equal(draws(0, 5), draws(1, 5))  # ranks differ
     assert not torch.equal(draws(0, 5), draws(0, 6))  # iterations differ
     assert not torch.equal(draws(0, 5, 1), draws(0, 5, 2))  # jitter vs sampling streams
     assert not torch.equal(draws(0, 0), draws(0, 0, init_step=0))  # init pass vs training
-    heads.init_step = -1

@@ -490,7 +490,7 @@ def test_training_steps_under_bfloat16_autocast(config):
             storage.iter = it
             trainer.iter = it
             trainer.run_step()
-    m = pred.mean_score.mean_scores
+    m = pred.cls_loss.mean_scores
     assert m.dtype == torch.float32 and torch.isfinite(m).all() and not torch.all(m == 0.01)
     mem = model.roi_heads.memory
     assert mem.features.dtype == torch.float16 and int(mem.fill.sum()) > 0
@@ -551,7 +551,7 @@ def test_killed_run_resumes_exactly(python, repo_root, tmp_path):
     assert a["iteration"] == b["iteration"] == 39
     differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert not differ, f"weights differ after resume: {differ[:5]}"
-    m = "roi_heads.box_predictor.mean_score.mean_scores"
+    m = "roi_heads.box_predictor.cls_loss.mean_score.mean_scores"
     assert not torch.all(a["model"][m] == 0.01)  # the statistics moved, and identically
     ma = _load(os.path.join(straight, "model_final.rank0.pth"))["states"]["roi_heads.memory"]
     mb = _load(os.path.join(killed, "model_final.rank0.pth"))["states"]["roi_heads.memory"]

@@ -101,13 +101,13 @@ def test_two_stage_methods_through_train_net(python, repo_root, tmp_path):
     subprocess.run([python, "train_net.py", *proc_cfg, *mini, "SOLVER.MAX_ITER", "3",
                     "OUTPUT_DIR", stage1], cwd=repo_root, check=True, capture_output=True)
     weights = os.path.join(stage1, "model_final.pth")
-    for config, key in (("configs/Synthetic/loce_stage2_ebl.yaml", "mean_score.mean_scores"),
-                        ("configs/Synthetic/loce_stage2_ebl_mfs.yaml", "mean_score.mean_scores"),
+    for config, key in (("configs/Synthetic/loce_stage2_ebl.yaml", "cls_loss.mean_score.mean_scores"),
+                        ("configs/Synthetic/loce_stage2_ebl_mfs.yaml", "cls_loss.mean_score.mean_scores"),
                         ("configs/Synthetic/bags_stage2.yaml", "cls_score.weight")):
         out = str(tmp_path / os.path.basename(config)[:-5])
         proc = subprocess.run(
             [python, "train_net.py", "--config-file", config, *SMALL, "SOLVER.MAX_ITER", "3",
-             "MODEL.WEIGHTS", weights, "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", "1",
+             "MODEL.WEIGHTS", weights, "MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS", "1",
              "OUTPUT_DIR", out],
             cwd=repo_root, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -119,7 +119,7 @@ def test_two_stage_methods_through_train_net(python, repo_root, tmp_path):
                            weights_only=False)["model"]
         first = torch.load(weights, map_location="cpu", weights_only=False)["model"]
         value = state["roi_heads.box_predictor." + key]
-        if key.startswith("mean_score"):
+        if key.startswith("cls_loss.mean_score"):
             assert not torch.allclose(value, torch.full_like(value, 0.01))  # statistics moved
             frozen = "backbone.bottom_up.stem.conv1.weight"
         else:

@@ -305,7 +305,7 @@ def test_rio_random_select_with_host_memory_on_cuda(tmp_path):
     cfg = make_cfg("configs/Synthetic/rio_R18_FPN.yaml", OUTPUT_DIR=str(tmp_path))
     cfg.MODEL.DEVICE = "cuda"
     cfg.MODEL.MEMORY.DEVICE = "cpu"
-    cfg.MODEL.MEMORY.RIO.RANDOM_SELECT = True
+    cfg.MODEL.RIO.RANDOM_SELECT = True
     trainer = Trainer(cfg)
     data = next(iter(trainer._trainer.data_loader))
     with EventStorage(0):

@@ -86,7 +86,7 @@ SIZES = {
         "s1": ["SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "3"],
         "bags": ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1"],
         "loce": ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
-                 "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", "1"],
+                 "MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS", "1"],
     },
     "gpu": {
         "common": ["DATASETS.TRAIN", "('longtail_synth_large_train',)",

@@ -194,7 +194,7 @@ def main():
         if heads.memory is None:
             continue
         timer = timers[name] = OpTimer(args.device)
-        if heads.memory_policy == "rio":
+        if heads.memory_policy.name == "rio":
             timer.wrap(heads.memory, "replay_recent", "replay")
             timer.wrap(heads.memory, "push", "push")
         else:

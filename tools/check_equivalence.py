@@ -82,6 +82,10 @@ def record(args):
     configs = args.configs or synthetic_configs()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    if dirty:
+        commit += "+uncommitted"
     summary = {"commit": commit, "iters": args.iters, "runs": {}}
     for config, stage1 in plan(configs):
         out = os.path.join(os.path.abspath(args.out), config[:-5])
@@ -132,8 +136,11 @@ def compare(args):
         before_summary = json.load(f)
     with open(os.path.join(args.after, "summary.json")) as f:
         after_summary = json.load(f)
-    lines = [f"before: commit {before_summary['commit'][:10]}, after: commit "
-             f"{after_summary['commit'][:10]}, {before_summary['iters']} iterations each", "",
+    def short(commit):
+        return commit[:10] + ("+uncommitted" if commit.endswith("+uncommitted") else "")
+
+    lines = [f"before: commit {short(before_summary['commit'])}, after: commit "
+             f"{short(after_summary['commit'])}, {before_summary['iters']} iterations each", "",
              "| config | logged iterations | loss values | weight tensors | result |",
              "|---|---|---|---|---|"]
     failed = False

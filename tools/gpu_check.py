@@ -466,7 +466,7 @@ def run_method(key, label, config_name, args, budget, estimate_per_config):
     entry["weights_not_loaded"] = weights  # MODEL.WEIGHTS of the config (random init instead)
     if list(cfg.MODEL.LONGTAIL.TRAINABLE_PREFIXES):
         entry["notes"].append("trains only " + ", ".join(cfg.MODEL.LONGTAIL.TRAINABLE_PREFIXES))
-    if cfg.MODEL.MEMORY.POLICY == "mfs" and cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS > 0:
+    if cfg.MODEL.MEMORY.POLICY == "mfs" and cfg.MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS > 0:
         entry["notes"].append("MFS initialisation pass not run (memory starts empty)")
     ims_per_vgpu = cfg.MODEL.LONGTAIL.IMS_PER_VGPU
     if ims_per_vgpu > args.ims_per_batch:

@@ -31,7 +31,7 @@ per-process memories have their real size), ``MAX_ITER`` as above, ``DATALOADER.
 * ``SOLVER.BASE_LR`` x ``--lr-scale`` (default 0.01): detectron2 stretches a config's 500-1000
   iteration warmup over ``MAX_ITER``, so a 4-iteration run would reach the full rate at its third
   iteration, from random heads; 1 % keeps the rate near a real run's first iterations;
-* ``MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS`` ``--mfs-init-images`` (default 1; LOCE's is 5): the
+* ``MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS`` ``--mfs-init-images`` (default 1; LOCE's is 5): the
   initialisation pass forwards this many images per class (1203 / 1230) and process before the
   first iteration; 1 image per class took 33 min per process on 2 shared CPU cores;
 * ``TEST.DETECTIONS_PER_IMAGE`` ``--dets-per-image`` (default 20; the configs' 300) in the
@@ -175,7 +175,7 @@ def describe_config(cfg) -> Dict[str, object]:
         "mask": bool(cfg.MODEL.MASK_ON),
         "cls_loss": cfg.MODEL.LONGTAIL.CLS_LOSS,
         "memory": cfg.MODEL.MEMORY.POLICY,
-        "mfs_init_images": cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS,
+        "mfs_init_images": cfg.MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS,
         "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
         "ims_per_vgpu": cfg.MODEL.LONGTAIL.IMS_PER_VGPU,
         "sampler": cfg.DATALOADER.SAMPLER_TRAIN,
@@ -615,7 +615,7 @@ def phase_options(settings: Settings, info: ConfigInfo, phase: str, out: str,
             "DATASETS.TRAIN", f"('{train_name}',)", "OUTPUT_DIR", out,
             "SOLVER.BASE_LR", repr(info.facts["base_lr"] * settings.lr_scale)]
     if info.facts["memory"] == "mfs":  # other configs refuse memory keys
-        opts += ["MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS", str(settings.mfs_init_images)]
+        opts += ["MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS", str(settings.mfs_init_images)]
     if settings.rois_per_image > 0:
         opts += ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", str(settings.rois_per_image)]
     if phase == "eval":
@@ -978,7 +978,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: render the results found under --output")
     parser.add_argument("--mfs-init-images", type=int, default=1,
-                        help="MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS (LOCE's: 5)")
+                        help="MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS (LOCE's: 5)")
     parser.add_argument("--lr-scale", type=float, default=0.01,
                         help="SOLVER.BASE_LR factor (see the module docstring)")
     parser.add_argument("--rois-per-image", type=int, default=0,

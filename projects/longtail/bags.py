@@ -1,6 +1,7 @@
 """Balanced Group Softmax (BAGS; Li et al., CVPR 2020): group tables, loss and score merge.
 
-Pure tensor functions; the box predictor that uses them lives elsewhere.
+Pure tensor functions; :class:`longtail.cls_losses.BalancedGroupSoftmax` wires them into the
+box predictor.
 
 Label convention (detectron2): foreground labels are ``0..C-1`` (LVIS category id - 1) and the
 background label is ``C`` = ``num_classes``.
@@ -88,7 +89,8 @@ class BagsTables:
     group_bins: torch.Tensor
 
     def tensors(self) -> Dict[str, torch.Tensor]:
-        """All tensor fields by name (e.g. to register them as non-persistent buffers)."""
+        """All tensor fields by name (the BAGS loss registers them as persistent buffers, so a
+        checkpoint carries the groups its model was trained with)."""
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)

@@ -9,7 +9,7 @@ from typing import Callable, Dict, Tuple
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_longtail_config", "check_longtail_config", "VALID"]
+__all__ = ["add_longtail_config", "check_longtail_config", "VALID", "RENAMED_KEYS"]
 
 
 def add_longtail_config(cfg: CN) -> CN:
@@ -33,8 +33,9 @@ def add_longtail_config(cfg: CN) -> CN:
 
     # Long-tail box predictor (LongTailROIHeads / LongTailFastRCNNOutputLayers).
     _C.MODEL.LONGTAIL = CN()
-    # Classification loss of the box predictor: "softmax_ce" (detectron2's), "ebl" (LOCE's
-    # Equilibrium Loss) or "bags" (balanced group softmax; C + 2 + G logits).
+    # Classification loss of the box predictor, a name in longtail.cls_losses.CLS_LOSS_REGISTRY:
+    # "softmax_ce" (detectron2's), "ebl" (LOCE's Equilibrium Loss) or "bags" (balanced group
+    # softmax; C + 2 + G logits).
     _C.MODEL.LONGTAIL.CLS_LOSS = "softmax_ce"
     # Images per emulated official GPU ("VGPU"): each chunk of this many images of a process
     # batch gets its own loss normalisers and random draws, and the process loss is the mean
@@ -46,19 +47,17 @@ def add_longtail_config(cfg: CN) -> CN:
     _C.MODEL.LONGTAIL.TRAINABLE_PREFIXES = []
     # Period (iterations) of logging the r/c/f group means of LOCE's mean scores (costs a sync).
     _C.MODEL.LONGTAIL.LOG_PERIOD = 20
-    # Classifier layer of the box predictor: "linear" (detectron2's) or "cosine" (RIO's scaled
-    # cosine classifier with a learnable per-class norm, longtail.layers.CosineClassifier).
+    # Classifier layer of the box predictor, a name in longtail.layers.CLS_LAYER_REGISTRY:
+    # "linear" (detectron2's) or "cosine" (RIO's scaled cosine classifier with a learnable
+    # per-class norm, longtail.layers.CosineClassifier).
     _C.MODEL.LONGTAIL.CLS_LAYER = "linear"
-    # Scale s of the cosine classifier (RIO's TEMP_S).
-    _C.MODEL.LONGTAIL.COSINE_SCALE = 48.0
-    # Added to the feature norm of the cosine classifier (RIO: 1e-5).
-    _C.MODEL.LONGTAIL.COSINE_EPS = 1e-5
 
     # Object memory (longtail.memory; wired in by LongTailROIHeads). One memory per VGPU chunk
     # of a process batch (MODEL.LONGTAIL.IMS_PER_VGPU), per process, never synchronised.
     _C.MODEL.MEMORY = CN()
-    # "" (off), "rio" (RIO's episodic replay of box-head features of cached classes) or "mfs"
-    # (LOCE's memory-augmented feature sampling of jittered-gt RoIAlign features; needs EBL).
+    # "" (off) or a name in longtail.memory_policies.MEMORY_POLICY_REGISTRY: "rio" (RIO's
+    # episodic replay of box-head features of cached classes) or "mfs" (LOCE's memory-augmented
+    # feature sampling of jittered-gt RoIAlign features; needs EBL).
     _C.MODEL.MEMORY.POLICY = ""
     # Entries per class and bank (RIO MAX_CACHE 60, LOCE queue size 80).
     _C.MODEL.MEMORY.CAPACITY = 60
@@ -74,33 +73,26 @@ def add_longtail_config(cfg: CN) -> CN:
     # memory's size on disk per process (logged at build time). False: a resumed run restarts
     # with an empty memory (the official behaviour).
     _C.MODEL.MEMORY.CHECKPOINT = True
-    # RIO replay (MODEL.MEMORY.POLICY "rio").
-    _C.MODEL.MEMORY.RIO = CN()
+
+    # RIO (Chang et al., ICML 2021): its cosine classifier (MODEL.LONGTAIL.CLS_LAYER "cosine")
+    # and its replay (MODEL.MEMORY.POLICY "rio").
+    _C.MODEL.RIO = CN()
+    # Scale s of the cosine classifier (MODEL.LONGTAIL.CLS_LAYER "cosine"; RIO's TEMP_S).
+    _C.MODEL.RIO.COSINE_SCALE = 48.0
+    # Added to the feature norm of the cosine classifier (RIO: 1e-5).
+    _C.MODEL.RIO.COSINE_EPS = 1e-5
     # Newest entries replayed per present cached class and step (RIO MIN_CACHE); 0: no replay.
-    _C.MODEL.MEMORY.RIO.REPLAY_PER_CLASS = 20
+    _C.MODEL.RIO.REPLAY_PER_CLASS = 20
     # Replay a uniform subset of the stored entries instead of the newest (RIO RANDOM_SELECT).
-    _C.MODEL.MEMORY.RIO.RANDOM_SELECT = False
+    _C.MODEL.RIO.RANDOM_SELECT = False
     # Cached classes: those with at most this many training images (RIO: 30; metadata
     # class_image_count of DATASETS.TRAIN).
-    _C.MODEL.MEMORY.RIO.CACHE_MAX_IMAGE_COUNT = 30
+    _C.MODEL.RIO.CACHE_MAX_IMAGE_COUNT = 30
     # Explicit cached class indices (0-based); non-empty overrides CACHE_MAX_IMAGE_COUNT.
-    _C.MODEL.MEMORY.RIO.CACHED_CLASSES = []
-    # LOCE memory-augmented feature sampling (MODEL.MEMORY.POLICY "mfs").
-    _C.MODEL.MEMORY.MFS = CN()
-    # Jitter magnitude of the 16 boxes made from each gt box, as a fraction of its width/height.
-    _C.MODEL.MEMORY.MFS.JITTER_RATIO = 1.0 / 6.0
-    # Classes drawn per bank and step, with replacement, with probability ~ 1 / (m_c + eps).
-    _C.MODEL.MEMORY.MFS.SAMPLED_NUM_CLASSES = 8
-    # Entries drawn per drawn class, uniformly with replacement.
-    _C.MODEL.MEMORY.MFS.SAMPLED_NUM_FEATURES = 4
-    # eps of the class-sampling weights 1 / (m_c + eps).
-    _C.MODEL.MEMORY.MFS.SCORE_EPS = 1e-7
-    # Initialisation pass at the start of a run (iteration 0, not on resume): forward only over
-    # this many class-balanced training images per class and bank (LOCE: 5), filling the memory
-    # and warming the mean scores. 0: no pass.
-    _C.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS = 5
+    _C.MODEL.RIO.CACHED_CLASSES = []
 
-    # LOCE Equilibrium Loss (used when MODEL.LONGTAIL.CLS_LOSS == "ebl").
+    # LOCE (Feng et al., ICCV 2021): the Equilibrium Loss (MODEL.LONGTAIL.CLS_LOSS "ebl") and the
+    # memory-augmented feature sampling (MODEL.MEMORY.POLICY "mfs").
     _C.MODEL.LOCE = CN()
     # EMA decay per entry: m_c <- alpha^n m_c + (1 - alpha^n) * mean of the n entries.
     _C.MODEL.LOCE.ALPHA = 0.9
@@ -108,6 +100,20 @@ def add_longtail_config(cfg: CN) -> CN:
     _C.MODEL.LOCE.BG_SCORE = 0.01
     # Initial mean score of every class.
     _C.MODEL.LOCE.INIT_SCORE = 0.01
+    # Memory-augmented feature sampling (MODEL.MEMORY.POLICY "mfs").
+    _C.MODEL.LOCE.MFS = CN()
+    # Jitter magnitude of the 16 boxes made from each gt box, as a fraction of its width/height.
+    _C.MODEL.LOCE.MFS.JITTER_RATIO = 1.0 / 6.0
+    # Classes drawn per bank and step, with replacement, with probability ~ 1 / (m_c + eps).
+    _C.MODEL.LOCE.MFS.SAMPLED_NUM_CLASSES = 8
+    # Entries drawn per drawn class, uniformly with replacement.
+    _C.MODEL.LOCE.MFS.SAMPLED_NUM_FEATURES = 4
+    # eps of the class-sampling weights 1 / (m_c + eps).
+    _C.MODEL.LOCE.MFS.SCORE_EPS = 1e-7
+    # Initialisation pass at the start of a run (iteration 0, not on resume): forward only over
+    # this many class-balanced training images per class and bank (LOCE: 5), filling the memory
+    # and warming the mean scores. 0: no pass.
+    _C.MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS = 5
 
     # BAGS balanced group softmax (used when MODEL.LONGTAIL.CLS_LOSS == "bags").
     _C.MODEL.BAGS = CN()
@@ -147,7 +153,7 @@ def add_longtail_config(cfg: CN) -> CN:
     # processes on C cores wants C // N threads each (train_net.py sets this when 0 and no GPU).
     _C.LONGTAIL.NUM_THREADS = 0
 
-    # --- Evaluation (issue 6) -----------------------------------------------------------------
+    # --- Evaluation -----------------------------------------------------------------------
     # LVIS evaluation (longtail.evaluation.LongTailLVISEvaluator), see README "Evaluation and
     # analysis".
     _C.LONGTAIL.EVAL = CN()
@@ -177,7 +183,28 @@ def add_longtail_config(cfg: CN) -> CN:
     # MODEL.ROI_HEADS.SCORE_THRESH_TEST, with no per-image cap (TEST.DETECTIONS_PER_IMAGE is
     # ignored). For AP_fixed / AP_pool; 0: detectron2's inference.
     _C.LONGTAIL.TEST_TOPK_PER_CLASS = 0
+
+    # Keys that moved into their method's node: a config that still uses one fails at merge
+    # time with a message naming the new key (yacs's renamed keys).
+    for old, new in RENAMED_KEYS.items():
+        _C.register_renamed_key(old, new, message=f"the long-tail keys now follow the methods: "
+                                                  f"use {new}")
     return _C
+
+
+# key (or node) of earlier versions -> where it lives now
+RENAMED_KEYS = {
+    "MODEL.LONGTAIL.COSINE_SCALE": "MODEL.RIO.COSINE_SCALE",
+    "MODEL.LONGTAIL.COSINE_EPS": "MODEL.RIO.COSINE_EPS",
+    "MODEL.MEMORY.RIO": "MODEL.RIO (REPLAY_PER_CLASS, RANDOM_SELECT, CACHE_MAX_IMAGE_COUNT, "
+                        "CACHED_CLASSES)",
+    "MODEL.MEMORY.MFS": "MODEL.LOCE.MFS",
+    **{f"MODEL.MEMORY.RIO.{k}": f"MODEL.RIO.{k}" for k in (
+        "REPLAY_PER_CLASS", "RANDOM_SELECT", "CACHE_MAX_IMAGE_COUNT", "CACHED_CLASSES")},
+    **{f"MODEL.MEMORY.MFS.{k}": f"MODEL.LOCE.MFS.{k}" for k in (
+        "JITTER_RATIO", "SAMPLED_NUM_CLASSES", "SAMPLED_NUM_FEATURES", "SCORE_EPS",
+        "INIT_IMAGES_PER_CLASS")},
+}
 
 
 def _choice(*options):
@@ -200,6 +227,25 @@ def _number(low=None, high=None, low_open=False, high_open=False, integer=False)
     return ok, f"{kind} " + " and ".join(x for x in (lo, hi) if x)
 
 
+def _registered(module: str, registry: str, allow_empty: bool = False):
+    """A name of one of the project's registries (imported when checked: the registries live
+    in modules that import detectron2's model code)."""
+
+    def names():
+        import importlib
+
+        reg = getattr(importlib.import_module(f"longtail.{module}"), registry)
+        return sorted(k for k, _ in reg)
+
+    def ok(v):
+        return (allow_empty and v == "") or v in names()
+
+    def want():
+        return "one of " + ", ".join(repr(n) for n in ([""] if allow_empty else []) + names())
+
+    return ok, want
+
+
 def _increasing_positive_ints(v):
     v = list(v)
     return (all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
@@ -211,28 +257,30 @@ def _device(v):
 
 
 # key -> (check, what it must be). check_longtail_config refuses any other value at build time.
+# Loss, classifier layer and memory policy: the names their registries hold.
 VALID: Dict[str, Tuple[Callable[[object], bool], str]] = {
     "MODEL.ROI_MASK_HEAD.COSINE_SCALE": _number(0, low_open=True),
-    "MODEL.LONGTAIL.CLS_LOSS": _choice("softmax_ce", "ebl", "bags"),
+    "MODEL.LONGTAIL.CLS_LOSS": _registered("cls_losses", "CLS_LOSS_REGISTRY"),
     "MODEL.LONGTAIL.IMS_PER_VGPU": _number(0, integer=True),
     "MODEL.LONGTAIL.LOG_PERIOD": _number(1, integer=True),
-    "MODEL.LONGTAIL.CLS_LAYER": _choice("linear", "cosine"),
-    "MODEL.LONGTAIL.COSINE_SCALE": _number(0, low_open=True),
-    "MODEL.LONGTAIL.COSINE_EPS": _number(0),
-    "MODEL.MEMORY.POLICY": _choice("", "rio", "mfs"),
+    "MODEL.LONGTAIL.CLS_LAYER": _registered("layers", "CLS_LAYER_REGISTRY"),
+    "MODEL.RIO.COSINE_SCALE": _number(0, low_open=True),
+    "MODEL.RIO.COSINE_EPS": _number(0),
+    "MODEL.MEMORY.POLICY": _registered("memory_policies", "MEMORY_POLICY_REGISTRY",
+                                       allow_empty=True),
     "MODEL.MEMORY.CAPACITY": _number(1, integer=True),
     "MODEL.MEMORY.DTYPE": _choice("float32", "float16", "bfloat16", "int8"),
     "MODEL.MEMORY.DEVICE": (_device, "'', 'cpu', 'cuda' or 'cuda:N'"),
-    "MODEL.MEMORY.RIO.REPLAY_PER_CLASS": _number(0, integer=True),
-    "MODEL.MEMORY.RIO.CACHE_MAX_IMAGE_COUNT": _number(1, integer=True),
-    "MODEL.MEMORY.RIO.CACHED_CLASSES": (
+    "MODEL.RIO.REPLAY_PER_CLASS": _number(0, integer=True),
+    "MODEL.RIO.CACHE_MAX_IMAGE_COUNT": _number(1, integer=True),
+    "MODEL.RIO.CACHED_CLASSES": (
         lambda v: all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v),
         "a list of class indices >= 0"),
-    "MODEL.MEMORY.MFS.JITTER_RATIO": _number(0, 1, high_open=True),
-    "MODEL.MEMORY.MFS.SAMPLED_NUM_CLASSES": _number(1, integer=True),
-    "MODEL.MEMORY.MFS.SAMPLED_NUM_FEATURES": _number(1, integer=True),
-    "MODEL.MEMORY.MFS.SCORE_EPS": _number(0, low_open=True),
-    "MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS": _number(0, integer=True),
+    "MODEL.LOCE.MFS.JITTER_RATIO": _number(0, 1, high_open=True),
+    "MODEL.LOCE.MFS.SAMPLED_NUM_CLASSES": _number(1, integer=True),
+    "MODEL.LOCE.MFS.SAMPLED_NUM_FEATURES": _number(1, integer=True),
+    "MODEL.LOCE.MFS.SCORE_EPS": _number(0, low_open=True),
+    "MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS": _number(0, integer=True),
     "MODEL.LOCE.ALPHA": _number(0, 1, high_open=True),
     "MODEL.LOCE.BG_SCORE": _number(0, 1, low_open=True),
     "MODEL.LOCE.INIT_SCORE": _number(0, 1, low_open=True),
@@ -262,6 +310,6 @@ def check_longtail_config(cfg: CN) -> None:
         for part in key.split("."):
             node = node[part]
         if not ok(node):
-            bad.append(f"{key} {node!r} (must be {want})")
+            bad.append(f"{key} {node!r} (must be {want() if callable(want) else want})")
     if bad:
         raise ValueError("Invalid long-tail configuration: " + "; ".join(bad) + ".")

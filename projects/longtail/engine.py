@@ -49,7 +49,6 @@ from .custom_datasets import register_from_config
 from .datasets import prepare_datasets, prepare_files
 from .evaluation import build_lvis_evaluator
 from .inference import enable_topk_per_class
-from .hooks import MemoryInitHook
 from .memory import object_memories
 from .predictor import LongTailFastRCNNOutputLayers
 from .roi_heads import (
@@ -200,14 +199,18 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         """
-        detectron2's hooks, with the MFS initialisation pass first (when configured), and a
+        detectron2's hooks, with the memory policy's hooks first (LOCE's MFS initialisation
+        pass, when configured), and a
         checkpointer on every process, not only the main one, when the model holds per-process
         state (the other processes then write only their ``.rank<R>.pth`` files).
         """
         ret = super().build_hooks()
         cfg = self.cfg
-        if cfg.MODEL.MEMORY.POLICY == "mfs" and cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS > 0:
-            ret.insert(0, MemoryInitHook(cfg, self.train_dicts))
+        model = self._trainer.model
+        inner = model.module if hasattr(model, "module") else model
+        for m in inner.modules():
+            if isinstance(m, LongTailROIHeads) and m.memory_policy is not None:
+                ret[:0] = m.memory_policy.training_hooks(cfg, self.train_dicts)
         if not comm.is_main_process():
             # at the main process's position (before the evaluation hook): a checkpoint
             # synchronises the processes, and so does an evaluation
@@ -277,7 +280,7 @@ class Trainer(DefaultTrainer):
         )
         model = super().build_model(cfg)
         freeze_except(model, cfg.MODEL.LONGTAIL.TRAINABLE_PREFIXES)
-        enable_topk_per_class(model, cfg.LONGTAIL.TEST_TOPK_PER_CLASS)  # issue 6 (0: off)
+        enable_topk_per_class(model, cfg.LONGTAIL.TEST_TOPK_PER_CLASS)  # 0: off
         return model
 
     @classmethod

@@ -1,6 +1,7 @@
 """Equilibrium loss (EBL) and the running per-class mean classification score of LOCE.
 
-Spec: ``loce.md`` sections 2 and 3. Label convention (whole ``longtail`` package): foreground
+LOCE: Feng et al., "Exploring Classification Equilibrium in Long-Tailed Object Detection",
+ICCV 2021, and its official code. Label convention (whole ``longtail`` package): foreground
 classes are ``0 .. C-1`` and background is ``C`` (= ``num_classes``), so classification logits,
 probabilities and the mean-score vector all have ``C + 1`` entries.
 

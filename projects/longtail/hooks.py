@@ -1,9 +1,9 @@
 """Training hooks of the ``longtail`` project.
 
-:class:`MemoryInitHook` is LOCE's initialisation pass (spec ``loce.md`` section 6, the official
+:class:`MemoryInitHook` is LOCE's initialisation pass (the official LOCE code's
 ``InitializerHook``): before the first iteration of a run that starts at iteration 0, the model
 runs forward only, in training mode and without gradients, over class-balanced training images
-(``MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS`` per class and VGPU, :func:`class_balanced_stream`),
+(``MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS`` per class and VGPU, :func:`class_balanced_stream`),
 so the MFS memory holds features of every class that has training images and the mean scores are
 warmed from the loaded model. No optimizer or scheduler step, no parameter change. A resumed run
 skips it: its memory and mean scores come from the checkpoint (:mod:`longtail.checkpoint`).
@@ -34,7 +34,7 @@ def build_memory_init_loader(cfg, dataset=None):
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
     sampler = class_balanced_stream(
-        cfg, dataset, cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS, repeat=False
+        cfg, dataset, cfg.MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS, repeat=False
     )
     if cfg.LONGTAIL.SKIP_BAD_IMAGES:
         mapped = ReplacingMapDataset(dataset, DatasetMapper(cfg, True), "MFS initialisation pass")
@@ -113,8 +113,9 @@ class MemoryInitHook(HookBase):
             f"class-balanced images in {time.perf_counter() - start:.1f} s; "
             f"{filled} of {memory.fill_counts().numel()} (bank, class) queues hold features"
         )
-        tracker = getattr(inner.roi_heads.box_predictor, "mean_score", None)
-        if tracker is not None and inner.roi_heads.box_predictor.class_frequency is not None:
-            means = tracker.group_means(inner.roi_heads.box_predictor.class_frequency)
+        loss = inner.roi_heads.box_predictor.cls_loss
+        tracker = getattr(loss, "mean_score", None)
+        if tracker is not None and loss.class_frequency is not None:
+            means = tracker.group_means(loss.class_frequency)
             msg += "; mean scores " + ", ".join(f"{k} {float(v):.4f}" for k, v in means.items())
         logger.info(msg)

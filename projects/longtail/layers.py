@@ -1,7 +1,13 @@
-"""Classifier layers of the long-tail box predictor.
+"""Classifier layers of the long-tail box predictor, one registered builder per kind.
 
-:class:`CosineClassifier` is RIO's cosine classifier (spec ``rio.md`` section 4, the official
-``distLinear``): a bias-free linear layer with explicit weight normalisation and a learnable
+``MODEL.LONGTAIL.CLS_LAYER`` names an entry of :data:`CLS_LAYER_REGISTRY`: a function
+``(cfg, default, in_features, out_features) -> nn.Module`` that returns the predictor's
+``cls_score`` (``[N, D] -> [N, K]`` logits), where ``default`` is the ``nn.Linear(D, C + 1)`` that
+detectron2's ``FastRCNNOutputLayers`` already built (returned unchanged when it fits, so a
+softmax model initialises exactly as detectron2's). Registered: ``"linear"`` and ``"cosine"``.
+
+:class:`CosineClassifier` is RIO's cosine classifier (RIO: Chang et al., ICML 2021; the
+official code's ``distLinear``): a bias-free linear layer with explicit weight normalisation and a learnable
 per-class norm, applied to the L2-normalised feature and scaled by ``s``:
 
     z_k = s * g_k * < v_k / ||v_k||, x / (||x|| + eps) >,   k = 0..K-1 (background row included)
@@ -13,10 +19,53 @@ official code (``weight_norm`` on a ``Linear``, without the deprecated hook).
 import math
 
 import torch
+from detectron2.utils.registry import Registry
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["CosineClassifier"]
+__all__ = ["CosineClassifier", "CLS_LAYER_REGISTRY", "build_cls_layer", "register_layer"]
+
+CLS_LAYER_REGISTRY = Registry("LONGTAIL_CLS_LAYER")
+CLS_LAYER_REGISTRY.__doc__ = """
+Classifier layers of the long-tail box predictor (``MODEL.LONGTAIL.CLS_LAYER``): functions
+``(cfg, default, in_features, out_features) -> nn.Module`` registered under the config value.
+"""
+
+
+def register_layer(name: str):
+    """Decorator: register a classifier-layer builder under the config value ``name``
+    (``MODEL.LONGTAIL.CLS_LAYER``)."""
+
+    def wrap(fn):
+        CLS_LAYER_REGISTRY._do_register(name, fn)
+        return fn
+
+    return wrap
+
+
+def build_cls_layer(cfg, default: nn.Linear, out_features: int) -> nn.Module:
+    """The classifier ``MODEL.LONGTAIL.CLS_LAYER`` names, with ``out_features`` outputs."""
+    name = cfg.MODEL.LONGTAIL.CLS_LAYER
+    if name not in CLS_LAYER_REGISTRY:
+        raise ValueError(f"MODEL.LONGTAIL.CLS_LAYER={name!r}; choose one of "
+                         f"{sorted(k for k, _ in CLS_LAYER_REGISTRY)}.")
+    return CLS_LAYER_REGISTRY.get(name)(cfg, default, default.in_features, out_features)
+
+
+@register_layer("linear")
+def linear_classifier(cfg, default, in_features, out_features):
+    """detectron2's linear classifier; a new ``nn.Linear`` (default initialisation) when the loss
+    needs another width than ``C + 1``."""
+    if out_features == default.out_features:
+        return default
+    return nn.Linear(in_features, out_features)
+
+
+@register_layer("cosine")
+def cosine_classifier(cfg, default, in_features, out_features):
+    """RIO's scaled cosine classifier (:class:`CosineClassifier`, ``MODEL.RIO.COSINE_*``)."""
+    return CosineClassifier(in_features, out_features, cfg.MODEL.RIO.COSINE_SCALE,
+                            cfg.MODEL.RIO.COSINE_EPS)
 
 
 class CosineClassifier(nn.Module):

@@ -1,4 +1,5 @@
-"""Normed (scaled-cosine) mask head of LOCE (spec ``loce.md`` section 7, "Normed mask head").
+"""Normed (scaled-cosine) mask head of LOCE (the official code's normed mask head,
+``FCNNormMaskHead``).
 
 Same layers as detectron2's :class:`MaskRCNNConvUpsampleHead` (``NUM_CONV`` 3x3 convs + ReLU,
 2x deconv + ReLU); only the final 1x1 predictor changes, from a plain convolution to

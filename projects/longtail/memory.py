@@ -1,6 +1,7 @@
 """Episodic per-class object memory: RIO's replay and LOCE's memory-augmented feature sampling.
 
-Specs: ``rio.md`` section 3 and ``loce.md`` section 4. One memory module, two policies:
+RIO (Chang et al., ICML 2021) and LOCE (Feng et al., ICCV 2021), as their official code does it.
+One memory module, two policies (:mod:`longtail.memory_policies` wires them into training):
 
 * ``"rio"`` (RIO, Chang et al. 2021): box-head output features (after the last FC + ReLU) of the
   sampled foreground proposals of *cached* classes (few training images) are pushed every
@@ -49,7 +50,6 @@ import torch
 from torch import nn
 
 __all__ = [
-    "POLICIES",
     "MemoryRows",
     "ObjectMemory",
     "ring_push_destinations",
@@ -67,7 +67,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("rio", "mfs")
 # storage dtypes; "int8" stores each feature row as int8 with its own float32 scale
 # (symmetric, scale = max |x| / 127), a quarter of float32's memory
 _DTYPES = {
@@ -267,7 +266,8 @@ def jitter_boxes(
     ``b_k = (x1 + r S1k U1k w, y1 + r S2k U2k h, x2 + r S3k U3k w, y2 + r S4k U4k h)`` with the
     signs of :func:`jitter_sign_matrix`, ``U`` drawn once per image (shared by its gts), then
     clamped to ``x in [0, W-1]``, ``y in [0, H-1]``. Boxes that become empty (width or height
-    <= 0, possible only for tiny gts at the right/bottom border) are flagged invalid (spec fix).
+    <= 0, possible only for tiny gts at the right/bottom border) are flagged invalid (a fix: in the official
+    code they give infinite box deltas).
 
     Args:
         gt_boxes (Tensor): [G, 4] gt boxes (x1, y1, x2, y2).

@@ -16,6 +16,8 @@ import torch
 from detectron2.data import samplers as d2_samplers
 from detectron2.utils.registry import Registry
 
+from . import vgpu
+
 __all__ = [
     "SAMPLER_REGISTRY",
     "build_train_sampler",
@@ -149,13 +151,15 @@ def class_balanced_lists(
     dataset_dicts: Sequence[Dict], images_per_class: int, num_vgpus: int
 ) -> List[List[int]]:
     """
-    LOCE's class-balanced image lists (``DistributedBalancedSampler``; spec loce.md section 6).
+    LOCE's class-balanced image lists (the official code's
+    ``DistributedBalancedSampler``).
 
     For every category (ascending contiguous id) the images containing it are listed in dataset
     order, the list is tiled by repetition to length ``images_per_class * num_vgpus``, and VGPU
     ``r`` takes its elements ``r, r + W, r + 2W, ...``: ``images_per_class`` images of that
     category. A VGPU's list is the concatenation over categories (no shuffle). Images without
-    annotations are never listed (spec fix of LOCE's empty-image key); categories without
+    annotations are never listed (a fix: the official code files them under
+    the key ``len(CLASSES)``, which collides with the last category id); categories without
     images are skipped.
 
     Returns:
@@ -223,9 +227,8 @@ def process_vgpus(cfg):
 
     world, rank = comm.get_world_size(), comm.get_rank()
     ims = cfg.SOLVER.IMS_PER_BATCH // world
-    per = cfg.MODEL.LONGTAIL.IMS_PER_VGPU
-    per = per if 0 < per < ims else ims
-    banks = (ims + per - 1) // per
+    per = vgpu.images_per_chunk(ims, cfg.MODEL.LONGTAIL.IMS_PER_VGPU)
+    banks = vgpu.num_chunks(ims, cfg.MODEL.LONGTAIL.IMS_PER_VGPU)
     return list(range(rank * banks, (rank + 1) * banks)), per, world * banks
 
 
@@ -267,10 +270,10 @@ def class_balanced_stream(cfg, dataset_dicts, images_per_class: int, repeat: boo
 def ClassBalancedSampler(cfg, dataset_dicts):
     """
     Class-balanced sampling (LOCE's initialisation pass, repeated): every category contributes
-    ``MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS`` images per VGPU and cycle, categories in order.
+    ``MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS`` images per VGPU and cycle, categories in order.
     """
     return class_balanced_stream(
-        cfg, dataset_dicts, cfg.MODEL.MEMORY.MFS.INIT_IMAGES_PER_CLASS, repeat=True
+        cfg, dataset_dicts, cfg.MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS, repeat=True
     )
 
 

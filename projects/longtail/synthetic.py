@@ -63,12 +63,14 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
-from shapely.geometry import Polygon
-from shapely.geometry.base import BaseGeometry
+
+if TYPE_CHECKING:  # shapely is imported where geometry is built: `import longtail` needs none
+    from shapely.geometry import Polygon
+    from shapely.geometry.base import BaseGeometry
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -388,6 +390,8 @@ def shape_template(family: str) -> np.ndarray:
 
 def _polygon_parts(geom: BaseGeometry) -> List[Polygon]:
     """The non-empty polygons of a (multi)polygon or geometry collection; lines are dropped."""
+    from shapely.geometry import Polygon
+
     if geom is None or geom.is_empty:
         return []
     if isinstance(geom, Polygon):
@@ -468,6 +472,8 @@ def _sample_object(rng: np.random.Generator, category_id: int, family: str, widt
     cy = float(rng.uniform(0.5 - lo[1], max(0.5 - lo[1], height - 0.5 - hi[1])))
     vertices = rotated + np.array([cx, cy])
     z = float(rng.random())
+    from shapely.geometry import Polygon
+
     return PlacedObject(category_id, vertices, (cx, cy), angle, size, z, Polygon(vertices))
 
 
