@@ -41,14 +41,14 @@ test-fast: setup
 # Trainings on the embedded dataset, each writing its section of docs/benchmarks.md
 # (finished runs are reused; ~20 min per model on 2 CPU cores).
 benchmark-sampling: setup   # uniform vs repeat-factor sampling
-	$(PY) tools/benchmark_runs.py sampling
+	$(PY) tools/benchmark.py suite sampling
 benchmark-loce: setup       # LOCE stage 1 -> stage 2 (EBL)
-	$(PY) tools/benchmark_runs.py loce
+	$(PY) tools/benchmark.py suite loce
 benchmark-bags: benchmark-sampling  # uniform baseline (= BAGS stage 1) -> BAGS stage 2
-	$(PY) tools/benchmark_runs.py bags
+	$(PY) tools/benchmark.py suite bags
 
 benchmark-memory: setup    # RIO vs RFS; LOCE EBL + MFS vs EBL alone (float16 / float32 / int8)
-	$(PY) tools/benchmark_runs.py memory
+	$(PY) tools/benchmark.py suite memory
 
 # The headline table: every method x 3 seeds on the embedded dataset (resumable: stop and run
 # again at any time). Two runs at a time, one torch thread each (keep the same BENCHMARK_JOBS for
@@ -57,7 +57,7 @@ benchmark-memory: setup    # RIO vs RFS; LOCE EBL + MFS vs EBL alone (float16 / 
 BENCHMARK_SIZE ?= cpu
 BENCHMARK_JOBS ?= 2
 benchmark: setup
-	$(PY) tools/benchmark_all.py --size $(BENCHMARK_SIZE) --jobs $(BENCHMARK_JOBS)
+	$(PY) tools/benchmark.py table --size $(BENCHMARK_SIZE) --jobs $(BENCHMARK_JOBS)
 
 # Step-time overhead of EBL / BAGS over softmax CE and of the BAGS merge at LVIS v1 scale.
 benchmark-overhead: setup

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools.benchmark_all import (describe_dataset, eval_seconds, step_seconds, summarise,
+from tools.benchmark import (describe_dataset, eval_seconds, step_seconds, summarise,
                                  train_seconds, verdict)
 from tools.benchmarks_md import replace_section
 
@@ -106,7 +106,7 @@ def test_benchmark_all_schedules_stages_in_order_with_jobs(monkeypatch, tmp_path
     import threading
     import time as _time
 
-    import tools.benchmark_all as ba
+    import tools.benchmark as ba
 
     calls, lock = [], threading.Lock()
 
@@ -122,7 +122,7 @@ def test_benchmark_all_schedules_stages_in_order_with_jobs(monkeypatch, tmp_path
     monkeypatch.setattr(ba, "train", fake_train)
     monkeypatch.setattr(ba, "dataset_description", lambda size: f"the {size} dataset")
     monkeypatch.setattr(ba, "ROOT", str(tmp_path))
-    monkeypatch.setattr("sys.argv", ["benchmark_all.py", "--size", "smoke", "--seeds", "0", "1",
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "table", "--size", "smoke", "--seeds", "0", "1",
                                      "--jobs", "2", "--no-write", "MODEL.X", "1"])
     ba.main()
     n_stages = sum(1 for _, st in ba.METHODS.values() for c, _ in st if not c.startswith("@"))
@@ -142,8 +142,34 @@ def test_benchmark_all_schedules_stages_in_order_with_jobs(monkeypatch, tmp_path
 
 
 def test_benchmark_all_rejects_odd_options(monkeypatch):
-    import tools.benchmark_all as ba
+    import tools.benchmark as ba
 
-    monkeypatch.setattr("sys.argv", ["benchmark_all.py", "--no-write", "MODEL.X"])
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "table", "--no-write", "MODEL.X"])
     with pytest.raises(SystemExit):
         ba.main()
+
+
+def test_benchmark_suite_writes_its_section(monkeypatch, tmp_path, capsys):
+    """`suite bags`: its rows in order, the command and each row's config in the section, the
+    section written into docs/benchmarks.md beside the others."""
+    import tools.benchmark as ba
+
+    seen = []
+
+    def fake_row(config, out, num_gpus, opts, row_opts=()):
+        seen.append((config, out, list(opts)))
+        value = 10.0 * len(seen)
+        res = {"AP": value, "AP50": value, "APr": 1.0, "APc": 2.0, "APf": value}
+        return {"bbox": res, "segm": res}
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "benchmarks.md").write_text("# Benchmarks\n\n## Other\n\nkept\n")
+    monkeypatch.setattr(ba, "run_suite_row", fake_row)
+    monkeypatch.setattr(ba, "ROOT", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "suite", "bags", "LONGTAIL.NUM_THREADS", "1"])
+    ba.main()
+    assert [c for c, _, _ in seen] == [r[1] for r in ba.SUITES["bags"][1]]
+    assert all(o == ["LONGTAIL.NUM_THREADS", "1"] for _, _, o in seen)
+    text = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "kept" in text and "`python tools/benchmark.py suite bags LONGTAIL.NUM_THREADS 1`" in text
+    assert "| stage 2: BAGS classifier (`bags_stage2.yaml`) | bbox | 20.0 | 20.0 | 1.0 | 2.0 | 20.0 | 19.0 |" in text

@@ -352,3 +352,22 @@ def test_readme_own_data_commands(tmp_path):
         predictions = json.load(f)
     assert len(predictions) == 30
     assert all(d["frequency"] == "r" for p in predictions for d in p["detections"])
+
+
+def test_declared_in_a_yaml(coco_root, tmp_path):
+    # the README's yaml form: a config file that extends a project config and declares the data
+    yaml = tmp_path / "shapes.yaml"
+    yaml.write_text(
+        f"_BASE_: {os.path.join(ROOT, 'configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml')}\n"
+        "LONGTAIL:\n  REGISTER_DATASETS:\n"
+        f"    - [yaml_train, {coco_root['train_json']}, {coco_root['train_images']}]\n"
+        f"    - [yaml_val, {coco_root['val_json']}, {coco_root['val_images']}, coco]\n"
+        'DATASETS:\n  TRAIN: ("yaml_train",)\n  TEST: ("yaml_val",)\n'
+        f"OUTPUT_DIR: {tmp_path / 'out'}\n")
+    cfg = add_longtail_config(get_cfg())
+    cfg.merge_from_file(str(yaml))
+    assert cd.register_from_config(cfg) == ["yaml_train", "yaml_val"]
+    prepare_datasets(["yaml_train", "yaml_val"], 48)
+    assert len(DatasetCatalog.get("yaml_val")) == 30
+    assert MetadataCatalog.get("yaml_val").get(FREQUENCY) == MetadataCatalog.get(
+        "yaml_train").get(FREQUENCY)

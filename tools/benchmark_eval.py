@@ -362,18 +362,31 @@ def _official_sharded(api, results, task, phases, shards):
 
 
 def _load_revision(rev):
-    """projects/longtail/evaluation.py as of git revision ``rev``, as module of the package."""
+    """The evaluation code of git revision ``rev`` (``projects/longtail/evaluation.py`` and, where
+    the revision has them, the modules it was split into and ``detection_columns.py``), loaded
+    as modules of the package under private names; the rest of the package is the current one."""
     import importlib.util
 
-    src = subprocess.run(["git", "show", f"{rev}:projects/longtail/evaluation.py"], cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), f"evaluation_{rev}.py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(f"longtail._evaluation_{rev}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    listing = subprocess.run(["git", "ls-tree", "--name-only", rev, "projects/longtail/"],
+                             cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+    order = [m for m in ("detection_columns", "eval_backends", "eval_protocols", "eval_tables")
+             if f"projects/longtail/{m}.py" in listing] + ["evaluation"]
+    tmp = tempfile.mkdtemp()
+    loaded = {}
+    for name in order:
+        src = subprocess.run(["git", "show", f"{rev}:projects/longtail/{name}.py"], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stdout
+        for dep, module_name in loaded.items():  # the revision's own modules, not the current
+            src = src.replace(f"from .{dep} import", f"from {module_name} import")
+        module_name = f"longtail._rev_{rev}_{name}"
+        path = os.path.join(tmp, f"{name}_{rev}.py")
+        with open(path, "w") as f:
+            f.write(src)
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        loaded[name] = module_name
     return mod
 
 

@@ -36,7 +36,7 @@ from longtail.datasets import IMAGE_COUNT  # noqa: E402
 from longtail.freeze import freeze_except  # noqa: E402
 from longtail.memory import ObjectMemory, memory_bytes  # noqa: E402
 from tools.benchmark_overhead import DATASET, LOCE_STAGE2, batch, make_cfg, register_metadata, sync  # noqa: E402
-from tools.benchmark_runs import machine  # noqa: E402
+from tools.benchmarks_md import machine  # noqa: E402
 from tools.benchmarks_md import replace_section  # noqa: E402
 
 
@@ -198,7 +198,7 @@ def main():
             timer.wrap(heads.memory, "replay_recent", "replay")
             timer.wrap(heads.memory, "push", "push")
         else:
-            timer.wrap(heads, "_mfs_push", "jitter + pool + push")
+            timer.wrap(heads.memory_policy, "push", "jitter + pool + push")
             timer.wrap(heads.memory, "sample_classes", "sample")
         prefill(model, data)
     med, ops = time_steps(variants, timers, data, args.reps, args.device)

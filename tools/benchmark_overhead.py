@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 from longtail import add_longtail_config  # noqa: E402
 from longtail.datasets import FREQUENCY, INSTANCE_COUNT  # noqa: E402
 from longtail.freeze import freeze_except  # noqa: E402
-from tools.benchmark_runs import machine  # noqa: E402
+from tools.benchmarks_md import machine  # noqa: E402
 from tools.benchmarks_md import replace_section  # noqa: E402
 
 DATASET = "longtail_bench_lvis_v1_like"

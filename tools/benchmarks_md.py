@@ -1,5 +1,22 @@
-"""Write one generated section of docs/benchmarks.md, leaving the others as they are."""
+"""What every benchmark writes into docs/benchmarks.md: one generated section (the others left as
+they are) and the machine it ran on."""
 import os
+import platform
+
+
+def machine() -> str:
+    """The machine, in words: the GPU's name, else cores, CPU model and torch version."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), no GPU, torch {torch.__version__}"
 
 
 def replace_section(path: str, title: str, body: str) -> None:

@@ -86,7 +86,7 @@ from longtail.engine import build_step_trainer, load_train_dicts  # noqa: E402
 from longtail.memory import object_memories  # noqa: E402
 from longtail.roi_heads import check_trainable_for_memory  # noqa: E402
 from longtail.state import install_nonfinite_guard  # noqa: E402
-from tools.benchmark_runs import machine  # noqa: E402
+from tools.benchmarks_md import machine  # noqa: E402
 from tools.benchmarks_md import replace_section  # noqa: E402
 from tools.lvis_rehearsal import calibrate_frozen_bn as standardise_frozen_bn  # noqa: E402
 

@@ -928,7 +928,7 @@ def write_report(output: str, docs: str, note: str = "", commands: Sequence[str]
     """Render every result under ``output`` into docs/benchmarks.md and the results json
     (``note``: appended to the machine description, e.g. what else ran on it; ``commands``:
     the runs' tool commands, see :func:`render`)."""
-    from tools.benchmark_runs import machine
+    from tools.benchmarks_md import machine
     from tools.benchmarks_md import replace_section
 
     results = collect_results(output)

@@ -3,7 +3,8 @@
 Reads what :class:`longtail.evaluation.LongTailLVISEvaluator` writes into a run's output
 directory (``OUTPUT_DIR/inference/<dataset>/per_category_{bbox,segm}.json``) and, for LOCE
 runs, the mean-score statistics that the checkpoint carries
-(``roi_heads.box_predictor.mean_score.mean_scores``).
+(``roi_heads.box_predictor.cls_loss.mean_score.mean_scores``; older checkpoints:
+``roi_heads.box_predictor.mean_score.mean_scores``).
 
 * :func:`plot_ap_vs_instances`: AP per category against its training instance count (log x),
   coloured by rare / common / frequent, for one run or two runs overlaid (a line joins each

@@ -9,7 +9,9 @@ setup, ``longtail.Trainer``, ``tools/predict.py``). In a yaml::
       REGISTER_DATASETS:
         - [shapes_train, datasets/shapes/annotations/instances_train.json, datasets/shapes/train]
         - [shapes_val, datasets/shapes/annotations/instances_val.json, datasets/shapes/val]
-    DATASETS: {TRAIN: ("shapes_train",), TEST: ("shapes_val",)}
+    DATASETS:
+      TRAIN: ("shapes_train",)
+      TEST: ("shapes_val",)
 
 or on the command line:
 ``LONGTAIL.REGISTER_DATASETS "[('shapes_train','a/train.json','a/train'), ...]"``.

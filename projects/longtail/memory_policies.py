@@ -26,7 +26,7 @@ Adding a policy: a subclass registered with ``@register_policy("name")`` in a ne
 imported by ``longtail/__init__.py``.
 """
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from detectron2.layers import cat

@@ -1,6 +1,23 @@
 #!/usr/bin/env python
 """
-The long-tail benchmark: every method side by side on the embedded dataset, several seeds.
+The benchmarks on the embedded dataset, one tool, two subcommands, one writer of docs/benchmarks.md:
+
+    python tools/benchmark.py table [--size cpu|gpu|smoke] [--seeds 0 1 2] [--methods ...]
+                                    [--jobs N] [--docs DIR] [--no-write] [KEY VALUE ...]
+    python tools/benchmark.py suite {sampling,loce,bags,memory} [--num-gpus N] [--no-write]
+                                    [KEY VALUE ...]
+
+``table`` (``make benchmark``) is the long-tail benchmark: every method side by side, several
+seeds, shortened schedules. ``suite`` trains one group of models with the configs' full schedules
+(one seed) and writes that group's section: ``sampling`` (uniform vs repeat-factor), ``loce``
+(normed-mask stage 1 -> EBL stage 2), ``bags`` (uniform baseline -> BAGS stage 2), ``memory``
+(RIO vs RFS; LOCE EBL + MFS vs EBL alone, float16 / float32 / int8 memory); each row reports bbox
+and segm AP, AP50, APr, APc, APf and APf - APr. Both reuse a run whose ``eval_results.json``
+exists, so an interrupted command continues where it stopped. (Earlier sections of
+docs/benchmarks.md name the former ``tools/benchmark_all.py`` = ``table`` and
+``tools/benchmark_runs.py SUITE`` = ``suite SUITE``.)
+
+The table, in detail:
 
 Trains and evaluates, for each seed, the uniform baseline, repeat-factor sampling, BAGS (stage 2
 on the baseline), LOCE (normed-mask stage 1, then EBL + MFS), RIO and RIO replay + EBL, and writes
@@ -31,8 +48,6 @@ more images per second than one run on both cores. Step-time ratios stay compara
 every run, baseline included, shares the machine the same way (they are per seed ratios).
 Trailing ``KEY VALUE`` pairs are passed to every ``train_net.py`` call.
 
-    python tools/benchmark_all.py [--size cpu|gpu|smoke] [--seeds 0 1 2] [--methods ...]
-                                  [--jobs N] [--docs DIR] [--no-write] [KEY VALUE ...]
 """
 import argparse
 import json
@@ -48,8 +63,7 @@ from datetime import datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tools.benchmark_runs import machine  # noqa: E402
-from tools.benchmarks_md import replace_section  # noqa: E402
+from tools.benchmarks_md import machine, replace_section  # noqa: E402
 
 SECTION = "Long-tail benchmark"
 KEYS = ("AP", "APr", "APc", "APf")
@@ -360,10 +374,121 @@ def plots(raw, summary, seeds, docs):
     return bar_path, cat_path, best
 
 
-def main():
+# ------------------------------------------------------------------------------------------------
+# suite: groups of full-schedule runs
+# ------------------------------------------------------------------------------------------------
+# suite -> (section title, [(row name, config, output dir)]); later runs may load earlier ones
+SUITES = {
+    "sampling": ("Image-level sampling", [
+        ("repeat-factor (t=0.05, sqrt)", "configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml",
+         "output/bench_sampling/mask_rcnn_R18_FPN_rfs"),
+        ("uniform", "configs/Synthetic/mask_rcnn_R18_FPN.yaml",
+         "output/bench_sampling/mask_rcnn_R18_FPN"),
+    ]),
+    "loce": ("LOCE: Equilibrium Loss", [
+        ("stage 1: normed mask head, softmax CE", "configs/Synthetic/loce_stage1_normed_mask.yaml",
+         "output/synthetic/loce_stage1"),
+        ("stage 2: EBL fine-tune", "configs/Synthetic/loce_stage2_ebl.yaml",
+         "output/synthetic/loce_stage2_ebl"),
+    ]),
+    "memory": ("Object memory: RIO replay and LOCE MFS", [
+        ("LOCE stage 1: normed mask head, softmax CE", "configs/Synthetic/loce_stage1_normed_mask.yaml",
+         "output/synthetic/loce_stage1"),
+        ("LOCE stage 2: EBL alone", "configs/Synthetic/loce_stage2_ebl.yaml",
+         "output/synthetic/loce_stage2_ebl"),
+        ("LOCE stage 2: EBL + MFS, float16 memory", "configs/Synthetic/loce_stage2_ebl_mfs.yaml",
+         "output/synthetic/loce_stage2_ebl_mfs"),
+        ("repeat-factor baseline", "configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml",
+         "output/bench_sampling/mask_rcnn_R18_FPN_rfs"),
+        ("RIO: repeat-factor + replay + cosine classifier", "configs/Synthetic/rio_R18_FPN.yaml",
+         "output/synthetic/rio"),
+        ("LOCE stage 2: EBL + MFS, float32 memory", "configs/Synthetic/loce_stage2_ebl_mfs.yaml",
+         "output/synthetic/loce_stage2_ebl_mfs_fp32", ["MODEL.MEMORY.DTYPE", "float32"]),
+        ("LOCE stage 2: EBL + MFS, int8 memory", "configs/Synthetic/loce_stage2_ebl_mfs.yaml",
+         "output/synthetic/loce_stage2_ebl_mfs_int8", ["MODEL.MEMORY.DTYPE", "int8"]),
+    ]),
+    "bags": ("BAGS: balanced group softmax", [
+        ("stage 1: uniform baseline, softmax CE", "configs/Synthetic/mask_rcnn_R18_FPN.yaml",
+         "output/bench_sampling/mask_rcnn_R18_FPN"),
+        ("stage 2: BAGS classifier", "configs/Synthetic/bags_stage2.yaml",
+         "output/synthetic/bags_stage2"),
+    ]),
+}
+SUITE_KEYS = ("AP", "AP50", "APr", "APc", "APf")
+
+
+def run_suite_row(config: str, out: str, num_gpus: int, opts, row_opts=()) -> dict:
+    result_file = os.path.join(ROOT, out, "eval_results.json")
+    if not os.path.exists(result_file):
+        cmd = [sys.executable, "train_net.py", "--config-file", config, "--num-gpus",
+               str(num_gpus), "--resume", *opts, *row_opts, "OUTPUT_DIR", out]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    with open(result_file) as f:
+        return json.load(f)
+
+
+def suite(args):
+    opts = [o for o in args.opts if o != "--"]
+    title, runs = SUITES[args.suite]
+    rows = [(r, run_suite_row(r[1], r[2], args.num_gpus, opts, *r[3:])) for r in runs]
+    lines = [
+        f"Machine: {machine()}. Command (repository root): `python tools/benchmark.py suite "
+        f"{args.suite}" + (f" --num-gpus {args.num_gpus}" if args.num_gpus != 1 else "")
+        + (" " + " ".join(opts) if opts else "") + "`.",
+        "",
+        "| model | task | " + " | ".join(SUITE_KEYS) + " | APf - APr |",
+        "|---|---|" + "---|" * len(SUITE_KEYS) + "---|",
+    ]
+    for spec, results in rows:
+        name, config = spec[0], spec[1]
+        extra = " " + " ".join(spec[3]) if len(spec) > 3 else ""
+        for task in ("bbox", "segm"):
+            m = results[task]
+            vals = " | ".join(f"{m[k]:.1f}" for k in SUITE_KEYS)
+            lines.append(f"| {name} (`{os.path.basename(config)}`{extra}) | {task} | {vals} | "
+                         f"{m['APf'] - m['APr']:.1f} |")
+    section = "\n".join(lines)
+    print(section)
+    if not args.no_write:
+        replace_section(os.path.join(ROOT, "docs", "benchmarks.md"), title, section)
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("table", help="every method x seeds, shortened schedules (make benchmark)")
+    t.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    t.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    t.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at the same time, each with cores/jobs torch threads")
+    t.add_argument("--no-write", action="store_true")
+    t.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="KEY VALUE pairs passed to every train_net.py call")
+    t.add_argument("--docs", default=os.path.join(ROOT, "docs"),
+                   help="where the section, results json and plots go")
+    s = sub.add_parser("suite", help="one group of full-schedule runs and its section")
+    s.add_argument("suite", choices=sorted(SUITES))
+    s.add_argument("--num-gpus", type=int, default=1)
+    s.add_argument("--no-write", action="store_true", help="print the section only")
+    s.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
+    return parser
+
+
+def main():
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.command == "suite":
+        return suite(args)
+    return table(parser, args)
+
+
+def table(parser, args):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--jobs", type=int, default=1,
@@ -373,7 +498,6 @@ def main():
                         help="KEY VALUE pairs passed to every train_net.py call")
     parser.add_argument("--docs", default=os.path.join(ROOT, "docs"),
                         help="where the section, results json and plots go")
-    args = parser.parse_args()
     if len(args.opts) % 2:
         parser.error(f"trailing options must be KEY VALUE pairs, got {args.opts}")
     if args.jobs < 1:
@@ -405,7 +529,7 @@ def main():
     docs = args.docs
     os.makedirs(docs, exist_ok=True)
     report = {"machine": machine(), "size": args.size, "seeds": args.seeds,
-              "command": "python tools/benchmark_all.py --size " + args.size
+              "command": "python tools/benchmark.py table --size " + args.size
               + " --seeds " + " ".join(map(str, args.seeds))
               + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
               + "".join(f" {o}" for o in args.opts),
