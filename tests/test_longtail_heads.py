@@ -291,3 +291,28 @@ def test_a_new_loss_is_one_registered_class():
     with EventStorage(0):
         got = pred.losses((scores, torch.zeros(6, 4 * pred.num_classes)), [props])["loss_cls"]
     torch.testing.assert_close(got, F.cross_entropy(scores, labels, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("loss", ["ebl", "bags"])
+def test_checkpoints_from_before_the_loss_modules_load(loss, tmp_path):
+    # earlier versions kept the losses' state on the predictor itself (mean_score.*, bags_*)
+    model = Trainer.build_model(make_cfg(loss))
+    state = model.state_dict()
+    prefix = "roi_heads.box_predictor.cls_loss."
+    old = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            key = ("roi_heads.box_predictor." + rest if rest.startswith("mean_score.")
+                   else "roi_heads.box_predictor.bags_" + rest)
+            value = value + 1 if value.is_floating_point() else value
+        old[key] = value
+    assert any(k.startswith(prefix) for k in state)  # the loss has state to carry
+    path = str(tmp_path / "old.pth")
+    torch.save({"model": old}, path)
+    other = Trainer.build_model(make_cfg(loss))
+    DetectionCheckpointer(other).load(path)
+    for key, value in other.state_dict().items():
+        if key.startswith(prefix):
+            expected = state[key] + 1 if state[key].is_floating_point() else state[key]
+            assert torch.equal(value, expected), key
