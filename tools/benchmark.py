@@ -489,15 +489,6 @@ def main():
 
 
 def table(parser, args):
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs trained at the same time, each with cores/jobs torch threads")
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="KEY VALUE pairs passed to every train_net.py call")
-    parser.add_argument("--docs", default=os.path.join(ROOT, "docs"),
-                        help="where the section, results json and plots go")
     if len(args.opts) % 2:
         parser.error(f"trailing options must be KEY VALUE pairs, got {args.opts}")
     if args.jobs < 1:

@@ -93,25 +93,26 @@ def _fsync_replace(tmp: str, path: str) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save(obj)`` to ``path`` through ``<path>.tmp``, fsync and rename: a reader (or a
-    kill at any moment) sees the previous file or the new one, never a partial file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+def atomic_write(path: str, write, binary: bool = False) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (one per process), fsync and rename: a
+    reader (or a kill at any moment) sees the previous file or the new one, never a partial
+    file, also when several processes write the same file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb" if binary else "w") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     _fsync_replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text))
 
 
 def rng_state() -> Dict:

@@ -45,6 +45,7 @@ from .equilibrium import (
     memory_score_entries,
 )
 from .memory import MemoryRows
+from .registry import register_as
 
 __all__ = [
     "CLS_LOSS_REGISTRY",
@@ -168,13 +169,7 @@ def build_cls_loss(cfg, num_classes: int) -> ClassificationLoss:
 def register_loss(name: str):
     """Class decorator: register a :class:`ClassificationLoss` subclass under the config value
     ``name`` (``MODEL.LONGTAIL.CLS_LOSS``) and set its ``name``."""
-
-    def wrap(cls):
-        cls.name = name
-        CLS_LOSS_REGISTRY._do_register(name, cls)
-        return cls
-
-    return wrap
+    return register_as(CLS_LOSS_REGISTRY, name)
 
 
 @register_loss("softmax_ce")

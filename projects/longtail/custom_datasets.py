@@ -44,12 +44,14 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from itertools import zip_longest
 from typing import Dict, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from . import datasets
+from .checkpoint import atomic_write, atomic_write_text
 from .data import check_image_files
 
 __all__ = [
@@ -307,33 +309,19 @@ def _file_state(path: str) -> List:
     return [os.path.realpath(path), st.st_mtime_ns, st.st_size]
 
 
-def _write_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@dataclass(frozen=True)
+class _Registration:
+    """What one registered dataset needs at prepare and load time; equal registrations (the same
+    config registering again) are recognised by value."""
 
-
-class _Registered:
-    """What one registered dataset needs at prepare and load time."""
-
-    def __init__(self, spec: DatasetSpec, out_json: str, stats_source: Optional[str],
-                 source_error: Optional[str], evaluated: bool, check_images: bool,
-                 max_images: int, mask_format: Optional[str]):
-        self.spec = spec
-        self.out_json = out_json
-        self.stats_source = stats_source
-        self.source_error = source_error
-        self.evaluated = evaluated
-        self.check_images = check_images
-        self.max_images = max_images
-        self.mask_format = mask_format  # None: masks not trained
-
-    def key(self):
-        return (self.spec, self.out_json, self.stats_source, self.evaluated, self.check_images,
-                self.max_images, self.mask_format)
+    spec: DatasetSpec
+    out_json: str
+    stats_source: Optional[str]
+    source_error: Optional[str]
+    evaluated: bool
+    check_images: bool
+    max_images: int
+    mask_format: Optional[str]  # None: masks not trained
 
     def _train_frequency(self) -> Optional[List[str]]:
         if self.stats_source == self.spec.name:
@@ -371,11 +359,10 @@ class _Registered:
         if frequency is not None:
             names = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
             train_json = MetadataCatalog.get(self.stats_source).json_file
-            train_names = datasets.class_stats_from_json(train_json)["thing_classes"]
-            if names != list(train_names):
-                diff = next(i for i in range(max(len(names), len(train_names)))
-                            if i >= len(names) or i >= len(train_names)
-                            or names[i] != train_names[i])
+            train_names = list(datasets.class_stats_from_json(train_json)["thing_classes"])
+            if names != train_names:
+                diff = next(i for i, (a, b) in enumerate(zip_longest(names, train_names))
+                            if a != b)
                 raise ValueError(
                     f"{spec.json_file}: its categories differ from those of the training dataset "
                     f"{self.stats_source!r} ({train_json}): {len(names)} vs {len(train_names)} "
@@ -389,10 +376,8 @@ class _Registered:
             for c, f in zip(normalized["categories"], stats[datasets.FREQUENCY]):
                 c["frequency"] = f
         os.makedirs(os.path.dirname(self.out_json), exist_ok=True)
-        _write_atomic(self.out_json, normalized)
-        with open(stamp_file + f".tmp.{os.getpid()}", "w") as f:
-            f.write(stamp)
-        os.replace(stamp_file + f".tmp.{os.getpid()}", stamp_file)
+        atomic_write(self.out_json, lambda f: json.dump(normalized, f, separators=(",", ":")))
+        atomic_write_text(stamp_file, stamp)  # after the json: marks it complete
         logger.info("Dataset %s: %s-format %s normalised to %s (%d images, %d annotations)",
                     spec.name, fmt.upper(), spec.json_file, self.out_json,
                     len(normalized["images"]), len(normalized["annotations"]))
@@ -434,7 +419,7 @@ def register_from_config(cfg) -> List[str]:
     registered = set(DatasetCatalog.list())
     for spec in specs:
         source, error = _stats_source(spec.name, train)
-        entry = _Registered(
+        entry = _Registration(
             spec, os.path.join(os.path.abspath(cfg.OUTPUT_DIR), "datasets",
                                spec.name + ".lvis.json"),
             source, error, evaluated=spec.name in test,
@@ -446,7 +431,7 @@ def register_from_config(cfg) -> List[str]:
                 raise ValueError(
                     f"{REGISTER_KEY}: {spec.name!r} is already a registered dataset (by "
                     "detectron2, this project or your code); choose another name.")
-            if previous == entry.key():
+            if previous == entry:
                 continue
             DatasetCatalog.remove(spec.name)
             MetadataCatalog.remove(spec.name)
@@ -457,7 +442,7 @@ def register_from_config(cfg) -> List[str]:
             evaluator_type="lvis",
             longtail_prepare=entry.prepare,
             longtail_source_json=spec.json_file,
-            **{_SPEC_KEY: entry.key()},
+            **{_SPEC_KEY: entry},
             **({"class_stats_source": source} if source else {}),
         )
         logger.info("Registered dataset %s: %s, images in %s", spec.name, spec.json_file,

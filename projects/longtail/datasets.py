@@ -121,10 +121,6 @@ def _file_key(json_file: str) -> Tuple:
 def parse_instances_json(json_file: str) -> Dict:
     """Parse ``json_file`` (counted by :func:`json_parse_count`); ValueError unless it is an
     instances json."""
-    return _parse(json_file)
-
-
-def _parse(json_file: str) -> Dict:
     with open(json_file) as f:
         data = json.load(f)
     path = os.path.realpath(json_file)
@@ -174,10 +170,6 @@ def _valid_box(ann: Dict) -> bool:
 def check_category_ids(data: Dict, json_file: str) -> int:
     """Every annotation's ``category_id`` is among the ``categories``, whose ids are ``1..C``;
     ValueError naming ``json_file`` and the offending ids otherwise. Returns C."""
-    return _check_category_ids(data, json_file)
-
-
-def _check_category_ids(data: Dict, json_file: str) -> int:
     ids = sorted(c["id"] for c in data.get("categories", []))
     known = set(ids)
     used = {a["category_id"] for a in data.get("annotations", [])}
@@ -198,8 +190,9 @@ def _check_category_ids(data: Dict, json_file: str) -> int:
     return len(ids)
 
 
-def _class_stats(data: Dict, json_file: str) -> Dict:
-    """Statistics (module docstring) of a parsed json whose category ids were checked."""
+def class_stats_of(data: Dict, json_file: str) -> Dict:
+    """Statistics (module docstring) of a parsed json whose category ids were checked; not
+    cached."""
     cats = sorted(data["categories"], key=lambda c: c["id"])
     num_classes = len(cats)
     image_sets = [set() for _ in range(num_classes)]
@@ -225,24 +218,14 @@ def _class_stats(data: Dict, json_file: str) -> Dict:
     }
 
 
-def class_stats_of(data: Dict, json_file: str) -> Dict:
-    """The statistics (module docstring) of a parsed json with checked category ids; not
-    cached."""
-    return _class_stats(data, json_file)
-
-
 def stats_of_parsed(data: Dict, json_file: str) -> Dict:
     """:func:`class_stats_from_json` of the already parsed ``data`` of ``json_file`` (checked and
     cached per file)."""
-    return _stats_of_parsed(data, json_file)
-
-
-def _stats_of_parsed(data: Dict, json_file: str) -> Dict:
     key = _file_key(json_file)
     stats = _STATS_CACHE.get(key)
     if stats is None:
-        _check_category_ids(data, json_file)
-        stats = _STATS_CACHE[key] = _class_stats(data, json_file)
+        check_category_ids(data, json_file)
+        stats = _STATS_CACHE[key] = class_stats_of(data, json_file)
     return stats
 
 
@@ -265,7 +248,7 @@ def class_stats_from_json(json_file: str) -> Dict:
     key = _file_key(json_file)
     stats = _STATS_CACHE.get(key)
     if stats is None:
-        stats = _stats_of_parsed(_parse(json_file), json_file)
+        stats = stats_of_parsed(parse_instances_json(json_file), json_file)
     return stats
 
 
@@ -296,8 +279,8 @@ def load_checked(json_file: str, image_root: str, dataset_name: str):
     ids and caches the class statistics (:func:`class_stats_from_json`), then
     :func:`clean_records`.
     """
-    data = _parse(json_file)
-    _stats_of_parsed(data, json_file)
+    data = parse_instances_json(json_file)
+    stats_of_parsed(data, json_file)
     # detectron2 attaches its built-in LVIS metadata when given an LVIS dataset name
     lvis_name = dataset_name if dataset_name.startswith("lvis_") else None
     with _lvis_api_reads(json_file, data):

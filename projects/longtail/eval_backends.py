@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from detectron2.utils.file_io import PathManager
 
-from .detection_columns import DetectionColumns, as_columns, max_per_group_pair, ranks_within
+from .detection_columns import DetectionColumns, as_columns, max_per_group_pair
 
 __all__ = [
     "BACKENDS",
@@ -268,9 +268,6 @@ def check_results(results, gt: LVISGroundTruth, source: str = "results") -> None
 # ------------------------------------------------------------------------------------------
 # Detection selection (the official result-side rules, shared by every backend)
 # ------------------------------------------------------------------------------------------
-_ranks_within = ranks_within  # the former name
-
-
 def select_detections(
     results,
     iou_type: str,

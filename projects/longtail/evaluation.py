@@ -45,6 +45,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from . import eval_backends, eval_protocols, eval_tables
 from .eval_backends import (  # noqa: F401  (re-exported: the module's former contents)
     AUTO_ORDER,
     BACKENDS,
@@ -69,23 +70,7 @@ from .eval_tables import (  # noqa: F401
     write_json_list,
 )
 
-__all__ = [
-    "BACKENDS",
-    "AUTO_ORDER",
-    "METRICS",
-    "LVISGroundTruth",
-    "TaskResult",
-    "DetectionColumns",
-    "available_backends",
-    "resolve_backend",
-    "select_detections",
-    "evaluate_detections",
-    "pooled_ap",
-    "load_results_json",
-    "check_results",
-    "per_category_rows",
-    "frequency_summary",
-    "format_frequency_table",
+__all__ = eval_backends.__all__ + eval_protocols.__all__ + eval_tables.__all__ + [
     "LongTailLVISEvaluator",
     "build_lvis_evaluator",
 ]

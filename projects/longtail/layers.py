@@ -23,6 +23,8 @@ from detectron2.utils.registry import Registry
 from torch import nn
 from torch.nn import functional as F
 
+from .registry import register_as
+
 __all__ = ["CosineClassifier", "CLS_LAYER_REGISTRY", "build_cls_layer", "register_layer"]
 
 CLS_LAYER_REGISTRY = Registry("LONGTAIL_CLS_LAYER")
@@ -35,12 +37,7 @@ Classifier layers of the long-tail box predictor (``MODEL.LONGTAIL.CLS_LAYER``):
 def register_layer(name: str):
     """Decorator: register a classifier-layer builder under the config value ``name``
     (``MODEL.LONGTAIL.CLS_LAYER``)."""
-
-    def wrap(fn):
-        CLS_LAYER_REGISTRY._do_register(name, fn)
-        return fn
-
-    return wrap
+    return register_as(CLS_LAYER_REGISTRY, name)
 
 
 def build_cls_layer(cfg, default: nn.Linear, out_features: int) -> nn.Module:

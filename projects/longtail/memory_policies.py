@@ -44,6 +44,7 @@ from .memory import (
     jitter_boxes,
     mfs_class_probabilities,
 )
+from .registry import register_as
 
 __all__ = [
     "MEMORY_POLICY_REGISTRY",
@@ -68,14 +69,9 @@ _RNG_JITTER, _RNG_SAMPLE, _RNG_REPLAY = 1, 2, 3
 
 
 def register_policy(name: str):
-    """Register a :class:`MemoryPolicy` subclass under the config value ``name``."""
-
-    def wrap(cls):
-        cls.name = name
-        MEMORY_POLICY_REGISTRY._do_register(name, cls)
-        return cls
-
-    return wrap
+    """Class decorator: register a :class:`MemoryPolicy` subclass under the config value ``name``
+    (``MODEL.MEMORY.POLICY``) and set its ``name``."""
+    return register_as(MEMORY_POLICY_REGISTRY, name)
 
 
 def _vector_shape(shape) -> tuple:
