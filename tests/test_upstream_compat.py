@@ -140,13 +140,42 @@ def _with_upstream_loss_keys(cfg):
 
 
 @pytest.mark.parametrize("key", ["USE_SIGMOID_CE", "USE_FED_LOSS"])
-def test_upstream_loss_keys_are_refused_not_ignored(key):
+def test_upstream_loss_keys_contradicting_the_loss_are_refused_not_ignored(key):
     cfg = _with_upstream_loss_keys(make_cfg("configs/Synthetic/loce_stage2_ebl.yaml"))
+    cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = True
     cfg.MODEL.ROI_BOX_HEAD[key] = True
     with pytest.raises(ValueError) as err:
         build_model(cfg)
     msg = str(err.value)
-    assert f"MODEL.ROI_BOX_HEAD.{key}" in msg and "StandardROIHeads" in msg
+    assert f"MODEL.ROI_BOX_HEAD.{key}" in msg and "MODEL.LONGTAIL.CLS_LOSS is 'ebl'" in msg
+
+
+def test_upstream_fed_loss_without_sigmoid_ce_is_refused():
+    cfg = _with_upstream_loss_keys(make_cfg("configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml"))
+    cfg.MODEL.ROI_HEADS.NAME = "LongTailROIHeads"
+    cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS = True
+    with pytest.raises(ValueError, match="USE_FED_LOSS True needs USE_SIGMOID_CE True"):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("fed", [False, True])
+def test_upstream_loss_keys_select_the_project_loss(fed):
+    """detectron2 main's switches with the long-tail heads train the project's own loss of the
+    same name (on v0.6 too, where the keys are declared by add_longtail_config)."""
+    from longtail.fed_loss import FederatedLoss, SigmoidCE
+
+    cfg = _with_upstream_loss_keys(make_cfg("configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml"))
+    cfg.MODEL.ROI_HEADS.NAME = "LongTailROIHeads"
+    cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = True
+    cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS = fed
+    cfg.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES = 20
+    prepare_datasets(cfg.DATASETS.TRAIN)
+    loss = build_model(cfg).roi_heads.box_predictor.cls_loss
+    assert type(loss) is (FederatedLoss if fed else SigmoidCE)
+    if fed:
+        counts = torch.tensor(MetadataCatalog.get(MINI).get(IMAGE_COUNT), dtype=torch.float32)
+        assert torch.allclose(loss.fed_loss_cls_weights, counts.sqrt())
+        assert loss.num_fed_classes == 20
 
 
 def test_upstream_federated_loss_builds_on_project_datasets():

@@ -80,6 +80,12 @@ METHODS = {
     "rio": ("RIO: repeat-factor + replay + cosine classifier", [
         ("configs/Synthetic/rio_R18_FPN.yaml", "s1")]),
     "rio_ebl": ("RIO replay + EBL (combination)", [("configs/Synthetic/rio_ebl_R18_FPN.yaml", "s1")]),
+    "seesaw": ("Seesaw loss + normalised classifier, repeat-factor sampling", [
+        ("configs/Synthetic/seesaw_R18_FPN.yaml", "s1")]),
+    "eqlv2": ("EQLv2 (sigmoid, gradient-guided re-weighting), uniform sampling", [
+        ("configs/Synthetic/eqlv2_R18_FPN.yaml", "s1")]),
+    "fed_loss": ("federated sigmoid CE, repeat-factor sampling", [
+        ("configs/Synthetic/fed_loss_R18_FPN.yaml", "s1")]),
 }
 
 SIZES = {
@@ -122,7 +128,7 @@ SIZES = {
 DATASETS = {"cpu": "longtail_synth", "smoke": "longtail_synth_mini", "gpu": "longtail_synth_large"}
 
 # methods that add one component to another method: their effect on it is reported too
-REFERENCE = {"rio": "rfs", "rio_ebl": "rio"}
+REFERENCE = {"rio": "rfs", "rio_ebl": "rio", "seesaw": "rfs", "fed_loss": "rfs"}
 
 _STAMP = re.compile(r"\[(\d\d/\d\d \d\d:\d\d:\d\d)")
 

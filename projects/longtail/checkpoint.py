@@ -152,7 +152,10 @@ class LongTailCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         os.makedirs(self.save_dir, exist_ok=True)
-        modules = process_state_modules(self.model) if self.save_memories else {}
+        # object memories may be left out (MODEL.MEMORY.CHECKPOINT False); other per-process
+        # state (e.g. Seesaw's counts) is small and always saved
+        modules = {n: m for n, m in process_state_modules(self.model).items()
+                   if self.save_memories or not getattr(m, "process_state_optional", False)}
         own = process_state_path(save_file, rank)
         pending = own + PENDING  # renamed to ``own`` once the checkpoint is committed
         atomic_torch_save({

@@ -20,7 +20,9 @@ Adding a loss: a new module with a subclass decorated by ``@register_loss("<name
 is the config value), imported by ``longtail/__init__.py``.
 
 Registered here: ``"softmax_ce"`` (detectron2's softmax cross-entropy, per-VGPU normalisers),
-``"ebl"`` (LOCE's Equilibrium Loss) and ``"bags"`` (balanced group softmax).
+``"ebl"`` (LOCE's Equilibrium Loss) and ``"bags"`` (balanced group softmax); in their own modules:
+``"seesaw"`` (:mod:`longtail.seesaw`), ``"eqlv2"`` (:mod:`longtail.eqlv2`), ``"sigmoid_ce"`` and
+``"fed_loss"`` (:mod:`longtail.fed_loss`).
 """
 import dataclasses
 import logging
@@ -56,6 +58,7 @@ __all__ = [
     "BalancedGroupSoftmax",
     "build_cls_loss",
     "register_loss",
+    "resolve_cls_loss",
     "dense_group_ids",
 ]
 
@@ -118,6 +121,8 @@ class ClassificationLoss(nn.Module):
     ``name`` and implement :meth:`forward`."""
 
     name = ""
+    # True when :meth:`probabilities` is the softmax of the ``C + 1`` logits (NorCal applies)
+    softmax_logits = True
 
     def __init__(self, num_classes: int):
         super().__init__()
@@ -157,9 +162,39 @@ class ClassificationLoss(nn.Module):
         return cls(num_classes)
 
 
-def build_cls_loss(cfg, num_classes: int) -> ClassificationLoss:
-    """The loss ``MODEL.LONGTAIL.CLS_LOSS`` names, built from ``cfg``."""
+# detectron2 main's loss switches of FastRCNNOutputLayers -> the loss of this registry they ask for
+_UPSTREAM_LOSSES = (("USE_FED_LOSS", "fed_loss"), ("USE_SIGMOID_CE", "sigmoid_ce"))
+
+
+def resolve_cls_loss(cfg) -> str:
+    """
+    The loss to build: ``MODEL.LONGTAIL.CLS_LOSS``, or the one detectron2's own switches
+    ``MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE`` / ``USE_FED_LOSS`` ask for ("sigmoid_ce" / "fed_loss")
+    when ``CLS_LOSS`` is left at its default ("softmax_ce"), so an upstream config trains the same
+    loss here. A switch that contradicts ``CLS_LOSS`` (e.g. ``USE_FED_LOSS True`` with "ebl"), or
+    ``USE_FED_LOSS`` without ``USE_SIGMOID_CE`` (detectron2 asserts it too), is refused.
+    """
     name = cfg.MODEL.LONGTAIL.CLS_LOSS
+    head = cfg.MODEL.ROI_BOX_HEAD
+    if head.get("USE_FED_LOSS", False) and not head.get("USE_SIGMOID_CE", False):
+        raise ValueError("MODEL.ROI_BOX_HEAD.USE_FED_LOSS True needs USE_SIGMOID_CE True (as in "
+                         "detectron2), or use MODEL.LONGTAIL.CLS_LOSS 'fed_loss' alone.")
+    wanted = next((loss for key, loss in _UPSTREAM_LOSSES if head.get(key, False)), None)
+    if wanted is None or name == wanted:
+        return name
+    if name == "softmax_ce":
+        return wanted
+    switches = [f"MODEL.ROI_BOX_HEAD.{k} True" for k, _ in _UPSTREAM_LOSSES if head.get(k, False)]
+    raise ValueError(
+        f"{' and '.join(switches)} ask for detectron2's {wanted!r} loss but "
+        f"MODEL.LONGTAIL.CLS_LOSS is {name!r}: one classification loss only. Set those switches "
+        f"False to train {name!r}, or MODEL.LONGTAIL.CLS_LOSS {wanted!r}.")
+
+
+def build_cls_loss(cfg, num_classes: int) -> ClassificationLoss:
+    """The loss :func:`resolve_cls_loss` names (``MODEL.LONGTAIL.CLS_LOSS``), built from
+    ``cfg``."""
+    name = resolve_cls_loss(cfg)
     if name not in CLS_LOSS_REGISTRY:
         raise ValueError(f"MODEL.LONGTAIL.CLS_LOSS={name!r}; choose one of "
                          f"{sorted(k for k, _ in CLS_LOSS_REGISTRY)}.")

@@ -51,6 +51,11 @@ def add_longtail_config(cfg: CN) -> CN:
     # "linear" (detectron2's) or "cosine" (RIO's scaled cosine classifier with a learnable
     # per-class norm, longtail.layers.CosineClassifier).
     _C.MODEL.LONGTAIL.CLS_LAYER = "linear"
+    # Scale (temperature) of the "normed_linear" classifier layer (Seesaw's NormedLinear: 20).
+    _C.MODEL.LONGTAIL.NORMED_LINEAR_SCALE = 20.0
+    # Prior probability pi of the classifier bias -log((1 - pi) / pi) of the "sigmoid_ce" and
+    # "fed_loss" losses (CenterNet2: 0.01); 0 keeps detectron2's bias 0 (its fed loss).
+    _C.MODEL.LONGTAIL.SIGMOID_PRIOR_PROB = 0.0
 
     # Object memory (longtail.memory; wired in by LongTailROIHeads). One memory per VGPU chunk
     # of a process batch (MODEL.LONGTAIL.IMS_PER_VGPU), per process, never synchronised.
@@ -125,6 +130,40 @@ def add_longtail_config(cfg: CN) -> CN:
     # Std of the normal init of the (fresh) C + 2 + G classifier; bias 0.
     _C.MODEL.BAGS.CLS_INIT_STD = 0.01
 
+    # Seesaw Loss (MODEL.LONGTAIL.CLS_LOSS "seesaw"; Wang et al., CVPR 2021; C + 2 logits).
+    _C.MODEL.SEESAW = CN()
+    # Mitigation exponent p: factor (N_j / N_y)^p for classes with fewer cumulative samples
+    # (0: off).
+    _C.MODEL.SEESAW.P = 0.8
+    # Compensation exponent q: factor (sigma_j / sigma_y)^q where a wrong class scores higher
+    # (0: off).
+    _C.MODEL.SEESAW.Q = 2.0
+    # Lower clamp of the true-class score sigma_y in the compensation ratio.
+    _C.MODEL.SEESAW.EPS = 0.01
+
+    # EQLv2 (MODEL.LONGTAIL.CLS_LOSS "eqlv2"; Tan et al., CVPR 2021; C + 1 sigmoid logits).
+    _C.MODEL.EQLV2 = CN()
+    # Negative weight q_j = sigmoid(GAMMA * (g_j - MU)) of the gradient ratio g_j; positive
+    # weight 1 + ALPHA * (1 - q_j).
+    _C.MODEL.EQLV2.GAMMA = 12.0
+    _C.MODEL.EQLV2.MU = 0.8
+    _C.MODEL.EQLV2.ALPHA = 4.0
+    # Inference: foreground sigmoid times (1 - background sigmoid), as the official code; False:
+    # plain sigmoid.
+    _C.MODEL.EQLV2.TEST_WITH_OBJ = True
+    # Classifier bias at init: -log((1 - pi) / pi) on every column.
+    _C.MODEL.EQLV2.PRIOR_PROB = 0.001
+
+    # detectron2 main's sigmoid CE / federated loss switches of FastRCNNOutputLayers, declared
+    # with upstream's defaults where missing (v0.6). With LongTailROIHeads they select
+    # MODEL.LONGTAIL.CLS_LOSS "sigmoid_ce" / "fed_loss" (longtail.cls_losses.resolve_cls_loss;
+    # refused if CLS_LOSS names another loss). FED_LOSS_NUM_CLASSES is K, the size of the class
+    # set; FED_LOSS_FREQ_WEIGHT_POWER the exponent of the training image counts.
+    for key, default in (("USE_SIGMOID_CE", False), ("USE_FED_LOSS", False),
+                         ("FED_LOSS_NUM_CLASSES", 50), ("FED_LOSS_FREQ_WEIGHT_POWER", 0.5)):
+        if not hasattr(_C.MODEL.ROI_BOX_HEAD, key):
+            _C.MODEL.ROI_BOX_HEAD[key] = default
+
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE (detectron2's key) also accepts "full_model" here: clip the
     # L2 norm of all gradients together at CLIP_VALUE (MMDetection's grad_clip; BAGS uses 35).
 
@@ -183,6 +222,21 @@ def add_longtail_config(cfg: CN) -> CN:
     # MODEL.ROI_HEADS.SCORE_THRESH_TEST, with no per-image cap (TEST.DETECTIONS_PER_IMAGE is
     # ignored). For AP_fixed / AP_pool; 0: detectron2's inference.
     _C.LONGTAIL.TEST_TOPK_PER_CLASS = 0
+
+    # NorCal post-hoc calibration (longtail.norcal; Pan et al., NeurIPS 2021), the official
+    # project's keys: foreground scores divided by N_c^GAMMA (N_c training images of class c) and
+    # renormalised with the background, at inference only. GAMMA 0 = off (the default); METHOD
+    # "gamma" or "cb" (class-balanced, beta = GAMMA); WITH "exps" (the paper's), "probs" or
+    # "logits"; RENORM divides by the row sum. tools/calibrate.py sweeps GAMMA on training
+    # images.
+    _C.TEST.CALIBRATION = CN()
+    _C.TEST.CALIBRATION.METHOD = "gamma"
+    _C.TEST.CALIBRATION.WITH = "exps"
+    _C.TEST.CALIBRATION.GAMMA = 0.0
+    _C.TEST.CALIBRATION.RENORM = True
+    # NorCal is defined for softmax classifiers; True also applies the "probs" form to the
+    # [N, C + 1] scores of BAGS, Seesaw, EQLv2 and sigmoid/federated losses (an extension).
+    _C.TEST.CALIBRATION.ALLOW_NON_SOFTMAX = False
 
     # Keys that moved into their method's node: a config that still uses one fails at merge
     # time with a message naming the new key (yacs's renamed keys).
@@ -265,6 +319,20 @@ VALID: Dict[str, Tuple[Callable[[object], bool], str]] = {
     "MODEL.LONGTAIL.LOG_PERIOD": _number(1, integer=True),
     "MODEL.LONGTAIL.CLS_LAYER": _registered("layers", "CLS_LAYER_REGISTRY"),
     "MODEL.RIO.COSINE_SCALE": _number(0, low_open=True),
+    "MODEL.LONGTAIL.NORMED_LINEAR_SCALE": _number(0, low_open=True),
+    "MODEL.LONGTAIL.SIGMOID_PRIOR_PROB": _number(0, 1, high_open=True),
+    "MODEL.SEESAW.P": _number(0),
+    "MODEL.SEESAW.Q": _number(0),
+    "MODEL.SEESAW.EPS": _number(0, 1, low_open=True),
+    "MODEL.EQLV2.GAMMA": _number(0),
+    "MODEL.EQLV2.MU": _number(),
+    "MODEL.EQLV2.ALPHA": _number(0),
+    "MODEL.EQLV2.PRIOR_PROB": _number(0, 1, low_open=True, high_open=True),
+    "MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES": _number(1, integer=True),
+    "MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER": _number(0),
+    "TEST.CALIBRATION.METHOD": _choice("gamma", "cb"),
+    "TEST.CALIBRATION.WITH": _choice("exps", "probs", "logits"),
+    "TEST.CALIBRATION.GAMMA": _number(0),
     "MODEL.RIO.COSINE_EPS": _number(0),
     "MODEL.MEMORY.POLICY": _registered("memory_policies", "MEMORY_POLICY_REGISTRY",
                                        allow_empty=True),

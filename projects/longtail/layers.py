@@ -4,7 +4,8 @@
 ``(cfg, default, in_features, out_features) -> nn.Module`` that returns the predictor's
 ``cls_score`` (``[N, D] -> [N, K]`` logits), where ``default`` is the ``nn.Linear(D, C + 1)`` that
 detectron2's ``FastRCNNOutputLayers`` already built (returned unchanged when it fits, so a
-softmax model initialises exactly as detectron2's). Registered: ``"linear"`` and ``"cosine"``.
+softmax model initialises exactly as detectron2's). Registered: ``"linear"``, ``"cosine"`` and
+``"normed_linear"``.
 
 :class:`CosineClassifier` is RIO's cosine classifier (RIO: Chang et al., ICML 2021; the
 official code's ``distLinear``): a bias-free linear layer with explicit weight normalisation and a learnable
@@ -17,6 +18,7 @@ parameters ``weight_v`` and ``weight_g`` receive the optimizer's default weight 
 official code (``weight_norm`` on a ``Linear``, without the deprecated hook).
 """
 import math
+from typing import Optional
 
 import torch
 from detectron2.utils.registry import Registry
@@ -25,7 +27,8 @@ from torch.nn import functional as F
 
 from .registry import register_as
 
-__all__ = ["CosineClassifier", "CLS_LAYER_REGISTRY", "build_cls_layer", "register_layer"]
+__all__ = ["CosineClassifier", "NormedLinear", "normed_linear", "CLS_LAYER_REGISTRY",
+           "build_cls_layer", "register_layer"]
 
 CLS_LAYER_REGISTRY = Registry("LONGTAIL_CLS_LAYER")
 CLS_LAYER_REGISTRY.__doc__ = """
@@ -105,3 +108,52 @@ class CosineClassifier(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"scale={self.scale}, eps={self.eps}"
         )
+
+
+def normed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  scale: float, eps: float = 1e-6) -> torch.Tensor:
+    """
+    ``z_k = scale * < x / (||x|| + eps), W_k / (||W_k|| + eps) > + b_k``: [N, D] -> [N, K].
+    ``eps`` is added to the norms (a zero feature gives ``z = b`` exactly), as MMDetection's
+    ``NormedLinear`` does.
+    """
+    x_unit = x / (x.norm(dim=1, keepdim=True) + eps)
+    w_unit = weight / (weight.norm(dim=1, keepdim=True) + eps)
+    return F.linear(x_unit, scale * w_unit, bias)
+
+
+@register_layer("normed_linear")
+def normed_linear_classifier(cfg, default, in_features, out_features):
+    """Seesaw's normalised linear classifier with bias (:class:`NormedLinear`,
+    ``MODEL.LONGTAIL.NORMED_LINEAR_SCALE``)."""
+    return NormedLinear(in_features, out_features, cfg.MODEL.LONGTAIL.NORMED_LINEAR_SCALE)
+
+
+class NormedLinear(nn.Module):
+    """
+    Normalised linear classifier (Seesaw's, MMDetection ``NormedLinear`` with temperature 20):
+    :func:`normed_linear` of the flattened input, weights ``N(0, 0.01^2)`` and bias 0 at init;
+    computed in float32 whatever the autocast state (a scale of 20 on bfloat16 cosines would move
+    logits by ~0.08).
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 20.0,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scale = scale
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).normal_(0, 0.01))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 2:
+            x = torch.flatten(x, start_dim=1)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return normed_linear(x.float(), self.weight.float(), self.bias.float(), self.scale,
+                                 self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scale={self.scale}, eps={self.eps}")

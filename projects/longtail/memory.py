@@ -351,6 +351,9 @@ class ObjectMemory(nn.Module):
     ``classes`` only; every other label (including background ``C``) is never stored.
     """
 
+    # MODEL.MEMORY.CHECKPOINT False leaves it out of the per-process state files
+    process_state_optional = True
+
     def __init__(
         self,
         num_classes: int,

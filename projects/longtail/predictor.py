@@ -35,39 +35,68 @@ from fvcore.nn import giou_loss, smooth_l1_loss
 
 from . import vgpu
 from .cls_losses import ClassificationLoss, LossBatch, build_cls_loss
+from .datasets import IMAGE_COUNT, train_metadata
 from .equilibrium import chunk_mean
 from .layers import build_cls_layer
 from .memory import MemoryRows
+from .norcal import NorCal
 
 __all__ = [
     "LongTailFastRCNNOutputLayers",
-    "refuse_upstream_loss_keys",
+    "build_calibration",
+    "without_upstream_loss",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-# detectron2 main's own classification-loss switches of FastRCNNOutputLayers (absent in v0.6)
-UPSTREAM_LOSS_KEYS = ("USE_SIGMOID_CE", "USE_FED_LOSS")
-
-
-def refuse_upstream_loss_keys(cfg) -> None:
-    """
-    ``MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE`` / ``USE_FED_LOSS`` (detectron2 main) switch
-    ``FastRCNNOutputLayers`` to sigmoid CE / federated loss; this predictor replaces its loss and
-    its probabilities, so they could not take effect: refuse them, naming the way out.
-    """
+def without_upstream_loss(cfg):
+    """``cfg`` with detectron2 main's own loss switches off, for ``FastRCNNOutputLayers``'s
+    ``from_config`` (this predictor implements them through its own loss,
+    :func:`longtail.cls_losses.resolve_cls_loss`; upstream's would look for its own metadata)."""
     head = cfg.MODEL.ROI_BOX_HEAD
-    on = [k for k in UPSTREAM_LOSS_KEYS if head.get(k, False)]
-    if on:
+    if not (head.get("USE_SIGMOID_CE", False) or head.get("USE_FED_LOSS", False)):
+        return cfg
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = False
+    cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS = False
+    return cfg
+
+
+def build_calibration(cfg, cls_loss: ClassificationLoss) -> Optional[NorCal]:
+    """NorCal (``TEST.CALIBRATION.*``, :mod:`longtail.norcal`) for this loss, or None when
+    ``GAMMA`` is 0. Refuses options that could not take effect."""
+    cal = cfg.TEST.CALIBRATION
+    if cal.GAMMA == 0:
+        changed = [f"{k} {cal[k]!r}" for k, d in (("METHOD", "gamma"), ("WITH", "exps"),
+                                                   ("RENORM", True), ("ALLOW_NON_SOFTMAX", False))
+                   if cal[k] != d]
+        if changed:
+            raise ValueError(
+                f"TEST.CALIBRATION.{', '.join(changed)} take effect only with NorCal on: set "
+                "TEST.CALIBRATION.GAMMA > 0 (tools/calibrate.py chooses one), or leave them at "
+                "their defaults.")
+        return None
+    if not cls_loss.softmax_logits and not cal.ALLOW_NON_SOFTMAX:
         raise ValueError(
-            f"MODEL.ROI_BOX_HEAD.{' / '.join(on)} True is detectron2's own loss switch, which "
-            "the long-tail box predictor (MODEL.ROI_HEADS.NAME 'LongTailROIHeads') does not "
-            f"implement: its loss is MODEL.LONGTAIL.CLS_LOSS ({cfg.MODEL.LONGTAIL.CLS_LOSS!r}). "
-            f"Set {', '.join('MODEL.ROI_BOX_HEAD.' + k for k in on)} False, or use "
-            "detectron2's federated loss with MODEL.ROI_HEADS.NAME 'StandardROIHeads' "
-            "(detectron2 main only)."
-        )
+            f"TEST.CALIBRATION.GAMMA {cal.GAMMA} (NorCal) is defined for softmax classifiers; the "
+            f"{cls_loss.name!r} loss's scores are not a softmax of its logits. Set "
+            "TEST.CALIBRATION.ALLOW_NON_SOFTMAX True to rescale its [N, C + 1] scores anyway "
+            "(the 'probs' form, an extension), or GAMMA 0.")
+    if not cls_loss.softmax_logits and cal.WITH != "probs":
+        raise ValueError(
+            f"TEST.CALIBRATION.WITH {cal.WITH!r} needs softmax logits; the {cls_loss.name!r} "
+            "loss's scores are calibrated in the 'probs' form only (set WITH 'probs').")
+    counts = train_metadata(cfg, IMAGE_COUNT, "per-class training image counts",
+                            "TEST.CALIBRATION.GAMMA > 0 (NorCal)")
+    if len(counts) != cls_loss.num_classes:
+        raise ValueError(f"NorCal: the training set has image counts of {len(counts)} classes, "
+                         f"the model {cls_loss.num_classes} (MODEL.ROI_HEADS.NUM_CLASSES).")
+    calibration = NorCal(counts, cal.GAMMA, cal.METHOD, cal.WITH, cal.RENORM,
+                         softmax_logits=cls_loss.softmax_logits)
+    logger.info("NorCal calibration at inference: %s", calibration.extra_repr())
+    return calibration
 
 
 class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
@@ -83,6 +112,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         cls_layer_builder=None,
         ims_per_vgpu: int = 0,
         seed: int = 0,
+        calibration: Optional[NorCal] = None,
         **kwargs,
     ):
         """
@@ -94,6 +124,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
                 layer (``C + 1`` outputs only).
             ims_per_vgpu: images per loss chunk (0: the whole process batch is one chunk).
             seed: base seed of the losses' per-iteration random draws.
+            calibration: NorCal applied to the probabilities at inference, or None.
             kwargs: arguments of ``FastRCNNOutputLayers``.
         """
         super().__init__(input_shape, **kwargs)
@@ -107,17 +138,18 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         elif out_features != default.out_features:
             raise ValueError(f"the {cls_loss.name!r} loss needs {out_features} logits; pass a "
                              "cls_layer_builder")
-        if self.cls_score is not default:
-            cls_loss.init_classifier(self.cls_score)
+        cls_loss.init_classifier(self.cls_score)
+        self.calibration = calibration
         # checkpoints written before the losses owned their state
         self._register_load_state_dict_pre_hook(_upgrade_loss_state)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        refuse_upstream_loss_keys(cfg)
-        ret = super().from_config(cfg, input_shape)
+        ret = super().from_config(without_upstream_loss(cfg), input_shape)
+        cls_loss = build_cls_loss(cfg, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
         ret.update(
-            cls_loss=build_cls_loss(cfg, cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+            cls_loss=cls_loss,
+            calibration=build_calibration(cfg, cls_loss),
             cls_layer_builder=lambda default, out: build_cls_layer(cfg, default, out),
             ims_per_vgpu=cfg.MODEL.LONGTAIL.IMS_PER_VGPU,
             seed=cfg.SEED if cfg.SEED >= 0 else 0,
@@ -253,10 +285,17 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
     def predict_probs(self, predictions, proposals):
-        """[N_i, C + 1] probabilities per image, as the loss turns its logits into them."""
+        """[N_i, C + 1] probabilities per image, as the loss turns its logits into them (then
+        NorCal-calibrated when ``TEST.CALIBRATION.GAMMA > 0``)."""
         scores, _ = predictions
         num_inst_per_image = [len(p) for p in proposals]
-        return self.cls_loss.probabilities(scores).split(num_inst_per_image, dim=0)
+        if self.calibration is None:
+            probs = self.cls_loss.probabilities(scores)
+        elif self.cls_loss.softmax_logits:
+            probs = self.calibration(scores)
+        else:
+            probs = self.calibration(self.cls_loss.probabilities(scores))
+        return probs.split(num_inst_per_image, dim=0)
 
 
 # checkpoint keys of the losses' state before it moved into the loss modules -> now

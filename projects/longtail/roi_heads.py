@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, Instances
 
 from .memory import ObjectMemory
 from .memory_policies import MemoryPolicy, build_memory_policy
-from .predictor import LongTailFastRCNNOutputLayers, refuse_upstream_loss_keys
+from .predictor import LongTailFastRCNNOutputLayers, without_upstream_loss
 
 __all__ = [
     "LongTailROIHeads",
@@ -127,9 +127,9 @@ class LongTailROIHeads(StandardROIHeads):
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
-        # before detectron2 builds (and asserts on) its own predictor, which ours replaces
-        refuse_upstream_loss_keys(cfg)
-        ret = super()._init_box_head(cfg, input_shape)
+        # detectron2 builds its own predictor first (replaced below): without upstream's loss
+        # switches, which ours implements (longtail.cls_losses.resolve_cls_loss)
+        ret = super()._init_box_head(without_upstream_loss(cfg), input_shape)
         ret["box_predictor"] = LongTailFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
         return ret
 
