@@ -28,6 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 import longtail
 from longtail import Trainer, add_longtail_config, launch
+from longtail.cls_losses import resolve_cls_loss
 from longtail.custom_datasets import register_from_config
 from longtail.datasets import resolve_num_classes
 from longtail.launch import resolve_dist_url
@@ -52,6 +53,9 @@ def setup(args):
     declared = register_from_config(cfg)
     default_num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     num_classes = resolve_num_classes(cfg)
+    # detectron2 main's USE_SIGMOID_CE / USE_FED_LOSS select the project's loss of that name
+    requested_loss = cfg.MODEL.LONGTAIL.CLS_LOSS
+    cfg.MODEL.LONGTAIL.CLS_LOSS = resolve_cls_loss(cfg)
     cpu_fallback = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
     if cpu_fallback:
         cfg.MODEL.DEVICE = "cpu"
@@ -67,6 +71,9 @@ def setup(args):
         meta = MetadataCatalog.get(name)
         logger.info("Dataset %s (LONGTAIL.REGISTER_DATASETS): %s, images in %s; read through %s",
                     name, meta.longtail_source_json, meta.image_root, meta.json_file)
+    if cfg.MODEL.LONGTAIL.CLS_LOSS != requested_loss:
+        logger.info("MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS: MODEL.LONGTAIL.CLS_LOSS "
+                    "set to %r (was %r).", cfg.MODEL.LONGTAIL.CLS_LOSS, requested_loss)
     if num_classes is not None and num_classes != default_num_classes:
         logger.info("MODEL.ROI_HEADS.NUM_CLASSES was left at detectron2's default (%d): set to %d, "
                     "the categories of %s.", default_num_classes, num_classes,

@@ -157,11 +157,95 @@ def test_every_method_has_lvis_configs():
     assert len(RIO) == 4 and len(LOCE_FULL) == 4
 
 
-@pytest.mark.xfail(strict=True, reason="the BAGS R101 configs that ../shared/spec/bags.md lists "
-                                       "are not written yet (issue 18)")
 def test_bags_r101_configs_exist():
     missing = sorted(BAGS_R101 - set(CONFIGS))
     assert not missing, f"missing configs: {missing}"
+
+
+# the reference suite: each method's official recipe on v1 (R50 and R101), the port extensions
+REFERENCE_CONFIGS = {
+    f"configs/LVISv1/{n}" for n in (
+        "seesaw_mask_rcnn_R_50_FPN_2x.yaml", "seesaw_mask_rcnn_R_50_FPN_2x_rfs.yaml",
+        "seesaw_mask_rcnn_R_101_FPN_2x.yaml", "seesaw_mask_rcnn_R_101_FPN_2x_rfs.yaml",
+        "eqlv2_mask_rcnn_R_50_FPN_1x.yaml", "eqlv2_mask_rcnn_R_101_FPN_1x.yaml",
+        "fed_loss_mask_rcnn_R_50_FPN_1x_rfs.yaml", "fed_loss_mask_rcnn_R_101_FPN_1x_rfs.yaml",
+        "norcal_mask_rcnn_R_50_FPN_1x_rfs.yaml")
+} | {f"configs/LVISv0.5/{n}" for n in (
+    "seesaw_mask_rcnn_R_50_FPN_2x_rfs.yaml", "eqlv2_mask_rcnn_R_50_FPN_1x.yaml",
+    "fed_loss_mask_rcnn_R_50_FPN_1x_rfs.yaml", "norcal_mask_rcnn_R_50_FPN_1x_rfs.yaml")}
+
+
+def test_reference_methods_have_lvis_configs():
+    missing = sorted(REFERENCE_CONFIGS - set(CONFIGS))
+    assert not missing, f"missing configs: {missing}"
+
+
+def _common_test_settings(cfg, path):
+    assert cfg.MODEL.ROI_HEADS.NAME == "LongTailROIHeads"
+    assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.0001
+    assert cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST == 0.5 and cfg.TEST.DETECTIONS_PER_IMAGE == 300
+    assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == 0.02
+    assert cfg.MODEL.RESNETS.DEPTH == (101 if "R_101" in path else 50)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS if "/LVIS" in p
+                                        and os.path.basename(p).startswith("seesaw_")))
+def test_seesaw_configs_match_the_spec(path):
+    cfg = load(path)
+    _common_test_settings(cfg, path)
+    assert cfg.MODEL.LONGTAIL.CLS_LOSS == "seesaw" and cfg.MODEL.LONGTAIL.IMS_PER_VGPU == 2
+    assert cfg.MODEL.LONGTAIL.CLS_LAYER == "normed_linear"
+    assert cfg.MODEL.LONGTAIL.NORMED_LINEAR_SCALE == 20.0
+    assert (cfg.MODEL.SEESAW.P, cfg.MODEL.SEESAW.Q, cfg.MODEL.SEESAW.EPS) == (0.8, 2.0, 0.01)
+    rfs = path.endswith("_rfs.yaml")
+    assert cfg.DATALOADER.SAMPLER_TRAIN == ("RepeatFactorTrainingSampler" if rfs
+                                            else "TrainingSampler")
+    if not rfs:  # 24 epochs of the 99,388 non-empty v1 images, steps at epochs 16 and 22
+        assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (149082, (99388, 136659))
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS if "/LVIS" in p
+                                        and os.path.basename(p).startswith("eqlv2_")))
+def test_eqlv2_configs_match_the_spec(path):
+    cfg = load(path)
+    _common_test_settings(cfg, path)
+    e = cfg.MODEL.EQLV2
+    assert cfg.MODEL.LONGTAIL.CLS_LOSS == "eqlv2" and cfg.MODEL.LONGTAIL.CLS_LAYER == "linear"
+    assert (e.GAMMA, e.MU, e.ALPHA, e.TEST_WITH_OBJ, e.PRIOR_PROB) == (12.0, 0.8, 4.0, True, 0.001)
+    assert cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"  # no RFS
+    v05 = "LVISv0.5" in path
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (
+        (42555, (28370, 39009)) if v05 else (74541, (49694, 68330)))
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS if "/LVIS" in p
+                                        and os.path.basename(p).startswith("fed_loss_")))
+def test_fed_loss_configs_match_the_spec(path):
+    from longtail.cls_losses import resolve_cls_loss
+
+    cfg = load(path)
+    _common_test_settings(cfg, path)
+    head = cfg.MODEL.ROI_BOX_HEAD
+    assert resolve_cls_loss(cfg) == "fed_loss"
+    assert (head.FED_LOSS_NUM_CLASSES, head.FED_LOSS_FREQ_WEIGHT_POWER) == (50, 0.5)
+    assert cfg.MODEL.LONGTAIL.SIGMOID_PRIOR_PROB == 0.0  # detectron2's bias 0
+    assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+    assert cfg.DATALOADER.REPEAT_THRESHOLD == 0.001
+    v05 = "LVISv0.5" in path
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == (1230 if v05 else 1203)
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (
+        (90000, (60000, 80000)) if v05 else (180000, (120000, 160000)))
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS if "/LVIS" in p
+                                        and os.path.basename(p).startswith("norcal_")))
+def test_norcal_configs_evaluate_a_softmax_rfs_model(path):
+    cfg = load(path)
+    assert cfg.MODEL.ROI_HEADS.NAME == "LongTailROIHeads"
+    assert cfg.MODEL.LONGTAIL.CLS_LOSS == "softmax_ce"
+    assert cfg.TEST.CALIBRATION.METHOD == "gamma" and cfg.TEST.CALIBRATION.WITH == "exps"
+    assert cfg.TEST.CALIBRATION.RENORM
+    assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.0001 and cfg.TEST.DETECTIONS_PER_IMAGE == 300
 
 
 @pytest.mark.parametrize("path", RIO)

@@ -86,6 +86,10 @@ METHODS = {
         ("configs/Synthetic/eqlv2_R18_FPN.yaml", "s1")]),
     "fed_loss": ("federated sigmoid CE, repeat-factor sampling", [
         ("configs/Synthetic/fed_loss_R18_FPN.yaml", "s1")]),
+    # post-hoc: the rfs runs, evaluated with NorCal's gamma chosen by tools/calibrate.py on
+    # training images; no training of its own (its cost columns are the rfs runs')
+    "norcal": ("RFS + NorCal (gamma chosen on training images)", [
+        ("@rfs", "s1"), ("configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml", "norcal")]),
 }
 
 SIZES = {
@@ -97,6 +101,7 @@ SIZES = {
                  "SOLVER.CHECKPOINT_PERIOD", "100"],
         "loce": ["SOLVER.MAX_ITER", "100", "SOLVER.STEPS", "(50, 85)", "SOLVER.WARMUP_ITERS", "20",
                  "SOLVER.CHECKPOINT_PERIOD", "50"],
+        "norcal": [],
     },
     # a few iterations on the mini dataset: checks the command end to end in minutes
     "smoke": {
@@ -107,6 +112,7 @@ SIZES = {
         "bags": ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1"],
         "loce": ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
                  "MODEL.LOCE.MFS.INIT_IMAGES_PER_CLASS", "1"],
+        "norcal": [],
     },
     "gpu": {
         "common": ["DATASETS.TRAIN", "('longtail_synth_large_train',)",
@@ -121,6 +127,7 @@ SIZES = {
                  "100", "SOLVER.CHECKPOINT_PERIOD", "1000"],
         "loce": ["SOLVER.MAX_ITER", "1500", "SOLVER.STEPS", "(750, 1250)", "SOLVER.WARMUP_ITERS",
                  "100", "SOLVER.CHECKPOINT_PERIOD", "500"],
+        "norcal": [],
     },
 }
 
@@ -128,7 +135,11 @@ SIZES = {
 DATASETS = {"cpu": "longtail_synth", "smoke": "longtail_synth_mini", "gpu": "longtail_synth_large"}
 
 # methods that add one component to another method: their effect on it is reported too
-REFERENCE = {"rio": "rfs", "rio_ebl": "rio", "seesaw": "rfs", "fed_loss": "rfs"}
+REFERENCE = {"rio": "rfs", "rio_ebl": "rio", "seesaw": "rfs", "fed_loss": "rfs", "norcal": "rfs"}
+
+# tools/calibrate.py arguments of the norcal stage, per size
+CALIBRATION = {"cpu": ["--images", "300"], "gpu": ["--images", "1000"],
+               "smoke": ["--images", "10", "--gammas", "0.5,1"]}
 
 _STAMP = re.compile(r"\[(\d\d/\d\d \d\d:\d\d:\d\d)")
 
@@ -219,6 +230,36 @@ def train(config, out, opts, log):
     return cost
 
 
+def calibrate(config, out, trained, opts, size, log):
+    """NorCal on a trained run (resumable): tools/calibrate.py sweeps gamma on training images and
+    evaluates the validation set with and without it; returns the calibrated results and, as
+    its cost, the trained run's (NorCal trains nothing)."""
+    result = os.path.join(ROOT, out, "calibration", "eval_results.json")
+    report_file = os.path.join(ROOT, out, "calibration", "calibration.json")
+    if not (os.path.exists(result) and os.path.exists(report_file)):
+        cmd = [sys.executable, "tools/calibrate.py", "--config-file", config, *CALIBRATION[size],
+               *opts, "MODEL.ROI_HEADS.NAME", "LongTailROIHeads",
+               "MODEL.WEIGHTS", os.path.join(trained, "model_final.pth"), "OUTPUT_DIR", out]
+        print("+", " ".join(cmd), flush=True)
+        with open(log, "a") as f:
+            if subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT) != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed; see {log}")
+    with open(report_file) as f:
+        report = json.load(f)
+    with open(os.path.join(ROOT, trained, "benchmark_cost.json")) as f:
+        cost = dict(json.load(f))
+    (dataset, both), = report["test"].items()
+    keys = ("AP", "AP50", "APr", "APc", "APf")
+    cost["results"] = {t: {k: both["calibrated"][t][k] for k in keys} for t in ("bbox", "segm")}
+    cost["uncalibrated"] = {t: {k: both["uncalibrated"][t][k] for k in keys}
+                            for t in ("bbox", "segm")}
+    cost["gamma"] = report["chosen_gamma"]
+    cost["per_category_dir"] = os.path.join(out, "calibration", dataset,
+                                            f"gamma{report['chosen_gamma']:g}")
+    cost["eval_seconds"] = None  # calibrate.py's evaluations are not timed like train_net's
+    return cost
+
+
 def describe_dataset(name, train_json, val_json):
     """"`name`, C classes (r / c / f), N training and M validation images", from the jsons."""
     data = {}
@@ -257,6 +298,10 @@ def run_method(method, seed, size, root, log, extra_opts=(), wait_for=None):
             continue
         out = os.path.join(root, method, f"seed{seed}", kind)
         opts = [*preset["common"], *preset[kind], "SEED", str(seed), *extra_opts]
+        if kind == "norcal":
+            costs.append(calibrate(config, out, out_prev, opts, size, log))
+            out_prev = costs[-1].pop("per_category_dir")
+            continue
         if kind != "s1":
             opts += ["MODEL.WEIGHTS", os.path.join(out_prev, "model_final.pth")]
         costs.append(train(config, out, opts, log))
@@ -270,7 +315,21 @@ def run_method(method, seed, size, root, log, extra_opts=(), wait_for=None):
         "train_seconds": sum(c["train_seconds"] for c in costs),
         "eval_seconds": final["eval_seconds"],
         "stages": len(costs),
+        **{k: final[k] for k in ("gamma", "uncalibrated") if k in final},
     }
+
+
+def norcal_note(raw, seeds, size):
+    """The gamma tools/calibrate.py chose per seed, and whether its uncalibrated evaluation of
+    the rfs model reproduced the rfs row (same weights, same evaluator)."""
+    gammas = ", ".join(f"seed {s}: {raw['norcal'][s]['gamma']:g}" for s in seeds)
+    same = ("rfs" in raw and all(raw["norcal"][s]["uncalibrated"] == raw["rfs"][s]["results"]
+                                 for s in seeds))
+    return (f"NorCal: the rfs runs (no training of its own: its cost columns are the rfs runs'), "
+            f"gamma chosen by `tools/calibrate.py` on {CALIBRATION[size][1]} training images by "
+            f"segm AP ({gammas}); its evaluation without calibration "
+            + ("reproduces the rfs row exactly." if same else
+               "differs from the rfs row (see docs/benchmark_results.json)."))
 
 
 def _mean_std(values):
@@ -582,6 +641,8 @@ def table(parser, args):
             ref = (f"vs {s['reference']}: APr {_fmt(s['ref_delta_bbox_APr'])}, APf "
                    f"{_fmt(s['ref_delta_bbox_APf'])}; {verdict(s, n, prefix='ref_')}")
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {verdict(s, n)} | {ref} |")
+    if "norcal" in raw:
+        lines += ["", norcal_note(raw, args.seeds, args.size)]
     if not args.no_write:
         bar, cat, best = plots(raw, summary, args.seeds, docs)
         lines += ["", f"![AP by frequency](benchmark_ap_by_frequency.png) "
