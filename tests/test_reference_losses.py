@@ -542,3 +542,80 @@ def test_losses_under_bfloat16_autocast_are_finite_and_close_to_float32(name):
         assert out[key].item() == pytest.approx(ref[key].item(), rel=0.05, abs=0.02)
     sum(out.values()).backward()
     assert torch.isfinite(lin.weight.grad).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# composition with the other methods (built and trained a few steps in process)
+# ------------------------------------------------------------------------------------------------
+def _mini_cfg(config, **extra):
+    from detectron2.config import get_cfg
+
+    from longtail import add_longtail_config
+
+    cfg = add_longtail_config(get_cfg())
+    cfg.merge_from_file(config)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.DATASETS.TRAIN = ("longtail_synth_mini_train",)
+    cfg.DATASETS.TEST = ()
+    cfg.SOLVER.IMS_PER_BATCH = 4
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.merge_from_list([str(x) for kv in extra.items() for x in kv])
+    return cfg
+
+
+@pytest.mark.parametrize("loss,layer", [("seesaw", "cosine"), ("seesaw", "normed_linear"),
+                                        ("eqlv2", "linear"), ("fed_loss", "linear")])
+def test_rio_replay_composes_with_the_reference_losses(loss, layer):
+    """RIO's replayed features are ordinary rows of the new losses: a training step with replay
+    gives finite losses with the memory rows in them, and Seesaw counts them."""
+    from detectron2.utils.events import EventStorage
+
+    from longtail import Trainer
+
+    cfg = _mini_cfg("configs/Synthetic/rio_R18_FPN.yaml", **{
+        "MODEL.LONGTAIL.CLS_LOSS": loss, "MODEL.LONGTAIL.CLS_LAYER": layer,
+        "MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES": 16, "MODEL.LONGTAIL.IMS_PER_VGPU": 2})
+    model = Trainer.build_model(cfg)
+    data = next(iter(Trainer.build_train_loader(cfg)))
+    model.train()
+    heads = model.roi_heads
+    seen = []
+    original = heads.box_predictor.losses
+
+    def spy(predictions, proposals, memory_rows=None):
+        seen.append((sum(len(p) for p in proposals), 0 if memory_rows is None else len(memory_rows)))
+        return original(predictions, proposals, memory_rows)
+
+    heads.box_predictor.losses = spy
+    with EventStorage(0) as storage:
+        for it in range(2):
+            storage.iter = it
+            losses = model(data)
+            assert all(torch.isfinite(v) for v in losses.values())
+    assert seen[1][1] > 0  # the second step replayed
+    if loss == "seesaw":
+        counted = heads.box_predictor.cls_loss.class_counts.sum().item()
+        assert counted == sum(r + m for r, m in seen)
+
+
+def test_reference_losses_refuse_what_cannot_take_effect():
+    from detectron2.modeling import build_model
+
+    from longtail.datasets import prepare_datasets
+
+    prepare_datasets(["longtail_synth_mini_train"])
+    with pytest.raises(ValueError, match="has no bias"):
+        build_model(_mini_cfg("configs/Synthetic/eqlv2_R18_FPN.yaml",
+                              **{"MODEL.LONGTAIL.CLS_LAYER": "cosine"}))
+    with pytest.raises(ValueError, match="SIGMOID_PRIOR_PROB 0.01 sets the classifier bias"):
+        build_model(_mini_cfg("configs/Synthetic/fed_loss_R18_FPN.yaml", **{
+            "MODEL.LONGTAIL.CLS_LAYER": "cosine", "MODEL.LONGTAIL.SIGMOID_PRIOR_PROB": 0.01}))
+    with pytest.raises(ValueError, match="FED_LOSS_NUM_CLASSES=50 exceeds the 48 classes"):
+        build_model(_mini_cfg("configs/Synthetic/fed_loss_R18_FPN.yaml",
+                              **{"MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES": 50}))
+    with pytest.raises(ValueError, match="ebl"):  # LOCE's MFS needs EBL's mean scores
+        from longtail import Trainer
+
+        Trainer.build_model(_mini_cfg("configs/Synthetic/loce_stage2_ebl_mfs.yaml", **{
+            "MODEL.LONGTAIL.CLS_LOSS": "seesaw", "MODEL.WEIGHTS": ""}))

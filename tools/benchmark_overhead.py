@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
-Step-time overhead of the long-tail classification losses over plain softmax CE, and inference
-overhead of the BAGS merge, measured side by side in one run (variants interleaved step by step,
+Step-time overhead of the long-tail classification losses (EBL, BAGS, Seesaw, EQLv2, sigmoid CE,
+federated loss) over plain softmax CE, and inference overhead of the BAGS merge and of NorCal, measured side by side in one run (variants interleaved step by step,
 median of the repetitions), at LVIS v1 scale: R50-FPN, 1203 classes, 2 images per step, 512 RoIs
 per image, random images and boxes (the cost does not depend on the pixels). Class counts are
 LVIS-v1-like (337 / 461 / 405 rare / common / frequent classes with instance counts drawn per
@@ -25,7 +25,7 @@ from detectron2.utils.events import EventStorage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from longtail import add_longtail_config  # noqa: E402
-from longtail.datasets import FREQUENCY, INSTANCE_COUNT  # noqa: E402
+from longtail.datasets import FREQUENCY, IMAGE_COUNT, INSTANCE_COUNT  # noqa: E402
 from longtail.freeze import freeze_except  # noqa: E402
 from tools.benchmarks_md import machine  # noqa: E402
 from tools.benchmarks_md import replace_section  # noqa: E402
@@ -43,7 +43,15 @@ def register_metadata(seed=0):
     counts = [int(torch.randint(lo[f], hi[f], (1,), generator=g)) for f in freq]
     meta = MetadataCatalog.get(DATASET)
     if meta.get(INSTANCE_COUNT, None) is None:
-        meta.set(**{FREQUENCY: freq, INSTANCE_COUNT: counts}, evaluator_type="lvis")
+        images = [max(1, c // 3) for c in counts]  # image counts for the fed loss and NorCal
+        meta.set(**{FREQUENCY: freq, INSTANCE_COUNT: counts, IMAGE_COUNT: images},
+                 evaluator_type="lvis")
+
+
+# classifier layer of a variant (the official one where it is not detectron2's linear layer)
+LAYERS = {"seesaw": "normed_linear"}
+# variant name -> (loss, calibration gamma)
+VARIANTS = {"norcal": ("softmax_ce", 0.5)}
 
 
 def make_cfg(cls_loss, trainable, mask_on, device):
@@ -53,7 +61,9 @@ def make_cfg(cls_loss, trainable, mask_on, device):
     cfg.MODEL.DEVICE = device
     cfg.MODEL.MASK_ON = mask_on
     cfg.MODEL.ROI_HEADS.NAME = "LongTailROIHeads"
-    cfg.MODEL.LONGTAIL.CLS_LOSS = cls_loss
+    cfg.MODEL.LONGTAIL.CLS_LOSS, gamma = VARIANTS.get(cls_loss, (cls_loss, 0.0))
+    cfg.TEST.CALIBRATION.GAMMA = gamma
+    cfg.MODEL.LONGTAIL.CLS_LAYER = LAYERS.get(cls_loss, "linear")
     cfg.MODEL.LONGTAIL.IMS_PER_VGPU = 2
     cfg.MODEL.LONGTAIL.TRAINABLE_PREFIXES = list(trainable)
     cfg.DATASETS.TRAIN = (DATASET,)
@@ -174,7 +184,8 @@ def main():
         "|---|---|---|---|---|",
     ]
     settings = [
-        ("training step, all parameters trainable", (), ("softmax_ce", "ebl", "bags")),
+        ("training step, all parameters trainable", (),
+         ("softmax_ce", "ebl", "bags", "seesaw", "eqlv2", "sigmoid_ce", "fed_loss")),
         ("training step, LOCE stage-2 trainable set", LOCE_STAGE2, ("softmax_ce", "ebl")),
         ("training step, BAGS stage-2 trainable set (classifier only)", BAGS_STAGE2,
          ("softmax_ce", "bags")),
@@ -189,16 +200,18 @@ def main():
         print("\n".join(lines[-len(losses):]), flush=True)
         del variants
     # inference: Faster R-CNN (no mask head); the BAGS merge replaces the softmax
-    models = {l: make_model(l, (), False, args.device)[0] for l in ("softmax_ce", "bags")}
+    models = {l: make_model(l, (), False, args.device)[0] for l in ("softmax_ce", "bags", "norcal")}
     full, probs = time_inference(models, data, args.reps * 4, args.device)
     ratio = 1 + (probs["bags"] - probs["softmax_ce"]) / full
+    norcal = 1 + (probs["norcal"] - probs["softmax_ce"]) / full
     lines += [
         "",
         f"Inference (Faster R-CNN R50-FPN, 1 image): full pass without post-processing "
         f"{full:.3f} s; class probabilities "
         f"of 1000 RoIs x 1203 classes: softmax {probs['softmax_ce'] * 1e3:.2f} ms, BAGS merge "
         f"{probs['bags'] * 1e3:.2f} ms; inference time ratio BAGS / softmax = 1 + (merge - "
-        f"softmax) / full pass = **{ratio:.4f}** (target <= 1.05). Medians of {args.reps * 4}.",
+        f"softmax) / full pass = **{ratio:.4f}** (target <= 1.05). NorCal (gamma 0.5) "
+        f"{probs['norcal'] * 1e3:.2f} ms: ratio **{norcal:.4f}**. Medians of {args.reps * 4}.",
     ]
     section = "\n".join(lines)
     print(section)

@@ -125,10 +125,15 @@ class EQLv2Loss(ClassificationLoss):
 
     def init_classifier(self, layer):
         """Every column's bias at the prior ``-log((1 - pi) / pi)`` (weights as built:
-        detectron2's N(0, 0.01^2))."""
-        if getattr(layer, "bias", None) is not None:
-            with torch.no_grad():
-                layer.bias.fill_(-math.log((1 - self.prior_prob) / self.prior_prob))
+        detectron2's N(0, 0.01^2)); a classifier without a bias is refused (the prior could not
+        take effect)."""
+        if getattr(layer, "bias", None) is None:
+            raise ValueError(
+                f"EQLv2 initialises the classifier bias at MODEL.EQLV2.PRIOR_PROB "
+                f"{self.prior_prob}, but the classifier layer {type(layer).__name__} has no bias; "
+                "use MODEL.LONGTAIL.CLS_LAYER 'linear' (the official) or 'normed_linear'.")
+        with torch.no_grad():
+            layer.bias.fill_(-math.log((1 - self.prior_prob) / self.prior_prob))
 
     def forward(self, scores, labels, batch):
         pos_w, neg_w = eqlv2_weights(self.pos_neg, self.gamma, self.mu, self.alpha)

@@ -110,7 +110,12 @@ class SigmoidCE(ClassificationLoss):
     def init_classifier(self, layer):
         """Bias ``-log((1 - pi) / pi)`` when a prior ``pi > 0`` is set (CenterNet2's 0.01);
         otherwise detectron2's initialisation is kept (bias 0)."""
-        if self.prior_prob > 0 and getattr(layer, "bias", None) is not None:
+        if self.prior_prob > 0:
+            if getattr(layer, "bias", None) is None:
+                raise ValueError(
+                    f"MODEL.LONGTAIL.SIGMOID_PRIOR_PROB {self.prior_prob} sets the classifier "
+                    f"bias, but the classifier layer {type(layer).__name__} has no bias; use "
+                    "MODEL.LONGTAIL.CLS_LAYER 'linear' or 'normed_linear', or the prior 0.")
             with torch.no_grad():
                 layer.bias.fill_(-math.log((1 - self.prior_prob) / self.prior_prob))
 
