@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from test_fault_injection import COMMON, _assert_identical, _final_state, _run
+from test_fault_injection import _assert_identical, _final_state, _run
 
 CASES = {
     # config, processes

@@ -217,8 +217,9 @@ def train(config, out, opts, log):
     with open(result) as f:
         metrics = json.load(f)
     cost = {
-        "results": {t: {k: metrics[t][k] for k in ("AP", "AP50", "APr", "APc", "APf")}
-                    for t in ("bbox", "segm")},
+        # a task without detections has no results (NaN, as detectron2 reports an empty one)
+        "results": {t: {k: metrics.get(t, {}).get(k, float("nan"))
+                        for k in ("AP", "AP50", "APr", "APc", "APf")} for t in ("bbox", "segm")},
         "wall_seconds": time.time() - t0,
         "step_seconds": step_seconds(os.path.join(ROOT, out, "metrics.json")),
         "train_seconds": train_seconds(os.path.join(ROOT, out, "metrics.json")),
@@ -398,7 +399,7 @@ def verdict(entry, n_seeds, task="bbox", prefix=""):
     return "; ".join(words)
 
 
-def plots(raw, summary, seeds, docs):
+def plots(raw, summary, seeds, docs, suffix=""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -426,14 +427,14 @@ def plots(raw, summary, seeds, docs):
     axes[0].legend()
     fig.suptitle("Embedded synthetic dataset (not LVIS): AP by frequency bucket")
     fig.tight_layout()
-    bar_path = os.path.join(docs, "benchmark_ap_by_frequency.png")
+    bar_path = os.path.join(docs, f"benchmark_ap_by_frequency{suffix}.png")
     fig.savefig(bar_path)
     plt.close(fig)
     best = max((m for m in methods if m != "baseline"), key=lambda m: summary[m]["bbox_APr"][0])
     seed = seeds[0]
     rows_base = load_per_category(raw["baseline"][seed]["output_dir"], "bbox")
     rows_best = load_per_category(raw[best][seed]["output_dir"], "bbox")
-    cat_path = os.path.join(docs, f"benchmark_per_category_{best}.png")
+    cat_path = os.path.join(docs, f"benchmark_per_category_{best}{suffix}.png")
     plot_ap_vs_instances([("baseline", rows_base), (best, rows_best)], cat_path,
                          title=f"bbox AP per category, seed {seed}")
     return bar_path, cat_path, best
@@ -533,6 +534,10 @@ def build_parser():
     t.add_argument("--jobs", type=int, default=1,
                    help="runs trained at the same time, each with cores/jobs torch threads")
     t.add_argument("--no-write", action="store_true")
+    t.add_argument("--section", default=SECTION,
+                   help="docs/benchmarks.md section to write (another than the default also "
+                        "names the json and plots after it, so a subset of the methods does not "
+                        "replace the full table)")
     t.add_argument("opts", nargs=argparse.REMAINDER,
                    help="KEY VALUE pairs passed to every train_net.py call")
     t.add_argument("--docs", default=os.path.join(ROOT, "docs"),
@@ -560,6 +565,8 @@ def table(parser, args):
         parser.error("--jobs must be >= 1")
     # METHODS order (baseline first: BAGS loads it); duplicates dropped
     args.methods = [m for m in METHODS if m == "baseline" or m in args.methods]
+    suffix = "" if args.section == SECTION else "_" + re.sub(r"[^a-z0-9]+", "_",
+                                                             args.section.lower()).strip("_")
     root = os.path.join("output", "benchmark", args.size)
     os.makedirs(os.path.join(ROOT, root), exist_ok=True)
     log = os.path.join(ROOT, root, "runs.log")
@@ -587,14 +594,17 @@ def table(parser, args):
     report = {"machine": machine(), "size": args.size, "seeds": args.seeds,
               "command": "python tools/benchmark.py table --size " + args.size
               + " --seeds " + " ".join(map(str, args.seeds))
+              + (" --methods " + " ".join(args.methods) if args.methods != list(METHODS) else "")
               + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+              + (f' --section "{args.section}"' if suffix else "")
               + "".join(f" {o}" for o in args.opts),
               "methods": {m: METHODS[m][0] for m in args.methods},
               "runs": {m: {str(s): v for s, v in per.items()} for m, per in raw.items()},
               "summary": summary, "wall_seconds_this_invocation": time.time() - start}
     lines = [
         f"Machine: {report['machine']}. Command (repository root): `{report['command']}` "
-        f"(`make benchmark`); size `{args.size}`; machine-readable: `docs/benchmark_results.json`.",
+        + ("(`make benchmark`)" if not suffix else "") + f"; size `{args.size}`; "
+        f"machine-readable: `docs/benchmark_results{suffix}.json`.",
         "Dataset: the embedded **synthetic** long-tailed dataset "
         f"({dataset_description(args.size)}), models from scratch; these are not LVIS numbers. "
         f"Mean ± standard deviation over seeds {args.seeds}. Step time and peak memory are ratios "
@@ -644,14 +654,14 @@ def table(parser, args):
     if "norcal" in raw:
         lines += ["", norcal_note(raw, args.seeds, args.size)]
     if not args.no_write:
-        bar, cat, best = plots(raw, summary, args.seeds, docs)
-        lines += ["", f"![AP by frequency](benchmark_ap_by_frequency.png) "
+        bar, cat, best = plots(raw, summary, args.seeds, docs, suffix)
+        lines += ["", f"![AP by frequency]({os.path.basename(bar)}) "
                   f"![per category]({os.path.basename(cat)})",
                   "", f"Per-category plot: baseline vs `{best}` (best mean bbox APr), seed "
                   f"{args.seeds[0]}."]
-        with open(os.path.join(docs, "benchmark_results.json"), "w") as f:
+        with open(os.path.join(docs, f"benchmark_results{suffix}.json"), "w") as f:
             json.dump(report, f, indent=1)
-        replace_section(os.path.join(docs, "benchmarks.md"), SECTION, "\n".join(lines))
+        replace_section(os.path.join(docs, "benchmarks.md"), args.section, "\n".join(lines))
     print("\n".join(lines))
 
 
