@@ -167,6 +167,8 @@ REFERENCE_CONFIGS = {
     f"configs/LVISv1/{n}" for n in (
         "seesaw_mask_rcnn_R_50_FPN_2x.yaml", "seesaw_mask_rcnn_R_50_FPN_2x_rfs.yaml",
         "seesaw_mask_rcnn_R_101_FPN_2x.yaml", "seesaw_mask_rcnn_R_101_FPN_2x_rfs.yaml",
+        "seesaw_mask_rcnn_R_50_FPN_2x_rfs_normed_mask.yaml",
+        "seesaw_mask_rcnn_R_101_FPN_2x_rfs_normed_mask.yaml",
         "eqlv2_mask_rcnn_R_50_FPN_1x.yaml", "eqlv2_mask_rcnn_R_101_FPN_1x.yaml",
         "fed_loss_mask_rcnn_R_50_FPN_1x_rfs.yaml", "fed_loss_mask_rcnn_R_101_FPN_1x_rfs.yaml",
         "norcal_mask_rcnn_R_50_FPN_1x_rfs.yaml")
@@ -197,7 +199,10 @@ def test_seesaw_configs_match_the_spec(path):
     assert cfg.MODEL.LONGTAIL.CLS_LAYER == "normed_linear"
     assert cfg.MODEL.LONGTAIL.NORMED_LINEAR_SCALE == 20.0
     assert (cfg.MODEL.SEESAW.P, cfg.MODEL.SEESAW.Q, cfg.MODEL.SEESAW.EPS) == (0.8, 2.0, 0.01)
-    rfs = path.endswith("_rfs.yaml")
+    rfs = "_rfs" in os.path.basename(path)
+    assert cfg.MODEL.ROI_MASK_HEAD.NAME == ("SeesawNormedMaskRCNNConvUpsampleHead"
+                                            if path.endswith("_normed_mask.yaml")
+                                            else "MaskRCNNConvUpsampleHead")
     assert cfg.DATALOADER.SAMPLER_TRAIN == ("RepeatFactorTrainingSampler" if rfs
                                             else "TrainingSampler")
     if not rfs:  # 24 epochs of the 99,388 non-empty v1 images, steps at epochs 16 and 22

@@ -619,3 +619,24 @@ def test_reference_losses_refuse_what_cannot_take_effect():
 
         Trainer.build_model(_mini_cfg("configs/Synthetic/loce_stage2_ebl_mfs.yaml", **{
             "MODEL.LONGTAIL.CLS_LOSS": "seesaw", "MODEL.WEIGHTS": ""}))
+
+
+def test_seesaw_normed_mask_predictor_adds_eps_and_uses_kaiming_init():
+    from longtail.mask_head import NormedConvMaskPredictor
+
+    torch.manual_seed(14)
+    pred = NormedConvMaskPredictor(8, 300, scale=20.0)
+    # kaiming normal, fan-out of a 1x1 conv with 300 outputs: std sqrt(2 / 300)
+    assert pred.weight.std().item() == pytest.approx(math.sqrt(2 / 300), rel=0.05)
+    assert torch.all(pred.bias == 0)
+    with torch.no_grad():
+        pred.bias.uniform_(-1, 1)
+    x = torch.rand(2, 8, 3, 3)
+    out = pred(x)
+    w = pred.weight.detach().flatten(1)
+    for n, i, j, k in ((0, 0, 0, 5), (1, 2, 1, 299)):
+        v = x[n, :, i, j]
+        expected = 20 * float(v @ w[k]) / ((v.norm().item() + 1e-6) * (w[k].norm().item() + 1e-6))
+        assert out[n, k, i, j].item() == pytest.approx(expected + pred.bias[k].item(), rel=1e-5)
+    zero = pred(torch.zeros(1, 8, 2, 2))
+    assert torch.equal(zero[0, :, 0, 0], pred.bias.detach())

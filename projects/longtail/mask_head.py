@@ -14,6 +14,11 @@ Mask classes are the foreground classes ``0..C-1`` (a single channel when
 ``CLS_AGNOSTIC_MASK``); the loss is detectron2's per-class sigmoid BCE, unchanged.
 
 Select it with ``MODEL.ROI_MASK_HEAD.NAME: "NormedMaskRCNNConvUpsampleHead"``.
+
+Seesaw's "normed mask" variant (MMDetection's ``NormedConv2d``, temperature 20) is the same
+predictor with the small constant *added* to the norms instead of clamping them
+(``x / (||x|| + 1e-6)``, likewise ``W_k``) and a kaiming-normal (fan-out) initialisation of the
+kernel: ``MODEL.ROI_MASK_HEAD.NAME: "SeesawNormedMaskRCNNConvUpsampleHead"``.
 """
 import torch
 from torch import nn
@@ -26,7 +31,8 @@ from detectron2.modeling.roi_heads.mask_head import (
     MaskRCNNConvUpsampleHead,
 )
 
-__all__ = ["CosineMaskPredictor", "NormedMaskRCNNConvUpsampleHead"]
+__all__ = ["CosineMaskPredictor", "NormedConvMaskPredictor", "NormedMaskRCNNConvUpsampleHead",
+           "SeesawNormedMaskRCNNConvUpsampleHead"]
 
 
 class CosineMaskPredictor(nn.Module):
@@ -108,3 +114,36 @@ class NormedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         ret = super().from_config(cfg, input_shape)
         ret["cosine_scale"] = cfg.MODEL.ROI_MASK_HEAD.COSINE_SCALE
         return ret
+
+
+class NormedConvMaskPredictor(CosineMaskPredictor):
+    """
+    Seesaw's normed 1x1 mask predictor (MMDetection ``NormedConv2d``): ``eps`` (1e-6) added to
+    the feature and kernel norms, ``s * <x / (||x|| + eps), W_k / (||W_k|| + eps)> + b_k``;
+    kernel kaiming-normal (fan-out, ReLU gain), bias 0.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, scale: float = 20.0, eps: float = 1e-6):
+        super().__init__(in_channels, num_classes, scale, eps)
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.constant_(self.bias, 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x_unit = (xf / (xf.norm(dim=1, keepdim=True) + self.eps)).to(x.dtype)
+        w = self.weight.flatten(1).float()
+        w_unit = w / (w.norm(dim=1, keepdim=True) + self.eps) * self.scale
+        return F.conv2d(x_unit, w_unit.to(self.weight.dtype).view_as(self.weight), self.bias)
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class SeesawNormedMaskRCNNConvUpsampleHead(NormedMaskRCNNConvUpsampleHead):
+    """:class:`MaskRCNNConvUpsampleHead` with Seesaw's :class:`NormedConvMaskPredictor` (scale
+    ``MODEL.ROI_MASK_HEAD.COSINE_SCALE``, 20 in the official configs)."""
+
+    @configurable
+    def __init__(self, input_shape: ShapeSpec, *, cosine_scale: float = 20.0, **kwargs):
+        super().__init__(input_shape, cosine_scale=cosine_scale, **kwargs)
+        old = self.predictor
+        self.predictor = NormedConvMaskPredictor(old.in_channels, old.num_classes,
+                                                 scale=cosine_scale)
