@@ -229,7 +229,12 @@ def test_full_model_gradient_clipping():
 @pytest.mark.parametrize("key,value", [("MODEL.LONGTAIL.CLS_LOSS", "ebl"),
                                        ("MODEL.MEMORY.POLICY", "rio"),
                                        ("MODEL.LONGTAIL.CLS_LAYER", "cosine"),
-                                       ("MODEL.LOCE.ALPHA", 0.8)])
+                                       ("MODEL.LOCE.ALPHA", 0.8),
+                                       ("MODEL.LONGTAIL.CLS_LOSS", "seesaw"),
+                                       ("MODEL.SEESAW.P", 0.5),
+                                       ("MODEL.EQLV2.MU", 0.5),
+                                       ("MODEL.LONGTAIL.NORMED_LINEAR_SCALE", 16.0),
+                                       ("TEST.CALIBRATION.GAMMA", 0.5)])
 def test_method_keys_without_the_project_heads_are_refused(key, value):
     """Before: detectron2's StandardROIHeads trained plain softmax and ignored the key."""
     cfg = add_longtail_config(get_cfg())

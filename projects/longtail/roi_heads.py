@@ -42,9 +42,11 @@ def check_trainable_for_memory(cfg, model) -> None:
 
 
 # config nodes / keys read only by LongTailROIHeads and its predictor
-HEAD_ONLY_NODES = ("MODEL.MEMORY", "MODEL.LOCE", "MODEL.BAGS", "MODEL.RIO")
+HEAD_ONLY_NODES = ("MODEL.MEMORY", "MODEL.LOCE", "MODEL.BAGS", "MODEL.RIO", "MODEL.SEESAW",
+                   "MODEL.EQLV2", "TEST.CALIBRATION")
 HEAD_ONLY_KEYS = ("MODEL.LONGTAIL.CLS_LOSS", "MODEL.LONGTAIL.CLS_LAYER",
-                  "MODEL.LONGTAIL.IMS_PER_VGPU", "MODEL.LONGTAIL.LOG_PERIOD")
+                  "MODEL.LONGTAIL.IMS_PER_VGPU", "MODEL.LONGTAIL.LOG_PERIOD",
+                  "MODEL.LONGTAIL.NORMED_LINEAR_SCALE", "MODEL.LONGTAIL.SIGMOID_PRIOR_PROB")
 
 
 def _flat(node, prefix: str) -> Dict[str, object]:
