@@ -605,7 +605,7 @@ def test_reference_losses_refuse_what_cannot_take_effect():
     from longtail.datasets import prepare_datasets
 
     prepare_datasets(["longtail_synth_mini_train"])
-    with pytest.raises(ValueError, match="has no bias"):
+    with pytest.raises(ValueError, match="EQLV2.PRIOR_PROB 0.001 sets the classifier bias"):
         build_model(_mini_cfg("configs/Synthetic/eqlv2_R18_FPN.yaml",
                               **{"MODEL.LONGTAIL.CLS_LAYER": "cosine"}))
     with pytest.raises(ValueError, match="SIGMOID_PRIOR_PROB 0.01 sets the classifier bias"):

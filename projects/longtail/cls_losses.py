@@ -26,6 +26,7 @@ Registered here: ``"softmax_ce"`` (detectron2's softmax cross-entropy, per-VGPU 
 """
 import dataclasses
 import logging
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -59,6 +60,7 @@ __all__ = [
     "build_cls_loss",
     "register_loss",
     "resolve_cls_loss",
+    "init_prior_bias",
     "dense_group_ids",
 ]
 
@@ -98,6 +100,21 @@ class LossBatch:
     @property
     def num_memory(self) -> int:
         return len(self.memory_rows) if self.memory_rows is not None else 0
+
+
+def init_prior_bias(layer: nn.Module, prior_prob: float, key: str) -> None:
+    """
+    Set every classifier bias to ``-log((1 - pi) / pi)`` (sigmoid of the bias = ``pi``, the
+    usual prior-probability initialisation of sigmoid classifiers). A layer without a bias is
+    refused, naming the config ``key`` that asked for the prior.
+    """
+    if getattr(layer, "bias", None) is None:
+        raise ValueError(
+            f"{key} {prior_prob} sets the classifier bias, but the classifier layer "
+            f"{type(layer).__name__} has no bias; use MODEL.LONGTAIL.CLS_LAYER 'linear' or "
+            "'normed_linear'.")
+    with torch.no_grad():
+        layer.bias.fill_(-math.log((1 - prior_prob) / prior_prob))
 
 
 def dense_group_ids(keys: torch.Tensor) -> torch.Tensor:

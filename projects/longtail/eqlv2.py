@@ -22,14 +22,13 @@ names): in the checkpoint, restored on resume. Inference (``TEST_WITH_OBJ``):
 ``P_j = sigmoid(z_j) * (1 - sigmoid(z_C))``, ``P_C = sigmoid(z_C)`` (rows not normalised). The
 classifier bias starts at ``-log((1 - pi) / pi)``, ``pi = PRIOR_PROB`` (0.001), every column.
 """
-import math
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from .cls_losses import ClassificationLoss, register_loss
+from .cls_losses import ClassificationLoss, init_prior_bias, register_loss
 from .equilibrium import chunk_mean
 
 __all__ = ["EQLv2Loss", "eqlv2_weights", "eqlv2_loss", "eqlv2_gradient_stats",
@@ -127,13 +126,7 @@ class EQLv2Loss(ClassificationLoss):
         """Every column's bias at the prior ``-log((1 - pi) / pi)`` (weights as built:
         detectron2's N(0, 0.01^2)); a classifier without a bias is refused (the prior could not
         take effect)."""
-        if getattr(layer, "bias", None) is None:
-            raise ValueError(
-                f"EQLv2 initialises the classifier bias at MODEL.EQLV2.PRIOR_PROB "
-                f"{self.prior_prob}, but the classifier layer {type(layer).__name__} has no bias; "
-                "use MODEL.LONGTAIL.CLS_LAYER 'linear' (the official) or 'normed_linear'.")
-        with torch.no_grad():
-            layer.bias.fill_(-math.log((1 - self.prior_prob) / self.prior_prob))
+        init_prior_bias(layer, self.prior_prob, "MODEL.EQLV2.PRIOR_PROB")
 
     def forward(self, scores, labels, batch):
         pos_w, neg_w = eqlv2_weights(self.pos_neg, self.gamma, self.mu, self.alpha)

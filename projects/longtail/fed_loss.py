@@ -26,14 +26,13 @@ Class weights ``v`` are the persistent buffer ``fed_loss_cls_weights`` [C], from
 set's per-class image counts (metadata of ``DATASETS.TRAIN``, computed from the training json for
 any LVIS-format dataset, LVIS v0.5 included).
 """
-import math
 from typing import Optional
 
 import torch
 from detectron2.utils import comm
 from torch.nn import functional as F
 
-from .cls_losses import ClassificationLoss, register_loss
+from .cls_losses import ClassificationLoss, init_prior_bias, register_loss
 from .datasets import IMAGE_COUNT, train_metadata
 from .equilibrium import chunk_mean
 
@@ -111,13 +110,7 @@ class SigmoidCE(ClassificationLoss):
         """Bias ``-log((1 - pi) / pi)`` when a prior ``pi > 0`` is set (CenterNet2's 0.01);
         otherwise detectron2's initialisation is kept (bias 0)."""
         if self.prior_prob > 0:
-            if getattr(layer, "bias", None) is None:
-                raise ValueError(
-                    f"MODEL.LONGTAIL.SIGMOID_PRIOR_PROB {self.prior_prob} sets the classifier "
-                    f"bias, but the classifier layer {type(layer).__name__} has no bias; use "
-                    "MODEL.LONGTAIL.CLS_LAYER 'linear' or 'normed_linear', or the prior 0.")
-            with torch.no_grad():
-                layer.bias.fill_(-math.log((1 - self.prior_prob) / self.prior_prob))
+            init_prior_bias(layer, self.prior_prob, "MODEL.LONGTAIL.SIGMOID_PRIOR_PROB")
 
     def class_mask(self, labels, batch) -> Optional[torch.Tensor]:
         return None
