@@ -303,9 +303,9 @@ def test_detectron2_builtin_lvis_names_load_the_tree(default_root, d2, tmp_path)
 # ------------------------------------------------------------------------------------------------
 def test_every_lvis_config_is_found_and_stage2_chained_to_its_stage1():
     infos = tool.all_configs()
-    assert len(infos) == 32
+    assert len(infos) == 58
     stage2 = [i for i in infos.values() if i.stage == 2]
-    assert len(stage2) == 12  # BAGS mask/faster + LOCE EBL/full x R50/R101, both versions
+    assert len(stage2) == 16  # BAGS mask/faster + LOCE EBL/full x R50/R101, both versions
     for info in stage2:
         parent = infos[info.parent]
         assert parent.stage == 1 and parent.folder == info.folder

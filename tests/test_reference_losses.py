@@ -640,3 +640,32 @@ def test_seesaw_normed_mask_predictor_adds_eps_and_uses_kaiming_init():
         assert out[n, k, i, j].item() == pytest.approx(expected + pred.bias[k].item(), rel=1e-5)
     zero = pred(torch.zeros(1, 8, 2, 2))
     assert torch.equal(zero[0, :, 0, 0], pred.bias.detach())
+
+
+def test_fed_loss_weights_from_the_lvis_v05_training_json():
+    """LVIS v0.5 (1230 classes; upstream registers no image counts for it): the weights come
+    from the training json's images, here the LVIS-shaped rehearsal json, counted in the test."""
+    import json
+    from collections import defaultdict
+
+    from detectron2.data import MetadataCatalog
+
+    from longtail import rehearsal
+    from longtail.datasets import prepare_datasets
+
+    root = rehearsal.default_root()
+    rehearsal.ensure_rehearsal(root)
+    name = "rehearsal_lvis_v0.5_train"
+    prepare_datasets([name])
+    with open(MetadataCatalog.get(name).json_file) as f:
+        data = json.load(f)
+    images = defaultdict(set)
+    for a in data["annotations"]:
+        images[a["category_id"]].add(a["image_id"])
+    ids = sorted(c["id"] for c in data["categories"])
+    expected = torch.tensor([float(len(images[i])) for i in ids]).sqrt()
+    cfg = _mini_cfg("configs/LVISv0.5/fed_loss_mask_rcnn_R_50_FPN_1x_rfs.yaml",
+                    **{"DATASETS.TRAIN": f"('{name}',)"})
+    loss = FederatedLoss.from_config(cfg, 1230)
+    assert loss.fed_loss_cls_weights.shape == (1230,)
+    assert torch.allclose(loss.fed_loss_cls_weights, expected)
