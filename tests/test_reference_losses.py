@@ -669,3 +669,36 @@ def test_fed_loss_weights_from_the_lvis_v05_training_json():
     loss = FederatedLoss.from_config(cfg, 1230)
     assert loss.fed_loss_cls_weights.shape == (1230,)
     assert torch.allclose(loss.fed_loss_cls_weights, expected)
+
+
+@pytest.mark.parametrize("config", ["configs/Synthetic/seesaw_R18_FPN.yaml",
+                                    "configs/Synthetic/eqlv2_R18_FPN.yaml",
+                                    "configs/Synthetic/fed_loss_R18_FPN.yaml"])
+def test_model_training_steps_under_bfloat16_autocast(config):
+    """Whole-model bfloat16 autocast steps (the AMP trainer): finite losses, float32 state."""
+    import numpy as np
+    from detectron2.utils.events import EventStorage
+
+    from longtail import Trainer
+    from longtail.engine import AutocastTrainer
+    from longtail.state import install_nonfinite_guard
+
+    cfg = _mini_cfg(config, **{"SOLVER.AMP.ENABLED": True})
+    model = Trainer.build_model(cfg)
+    opt = Trainer.build_optimizer(cfg, model)
+    install_nonfinite_guard(model, opt)
+    trainer = AutocastTrainer(model, Trainer.build_train_loader(cfg), opt)
+    loss = model.roi_heads.box_predictor.cls_loss
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        for it in range(3):
+            storage.iter = trainer.iter = it
+            trainer.run_step()
+    latest = storage.latest()
+    assert all(np.isfinite(latest[k][0]) for k in latest if k.startswith("loss"))
+    for name, buf in loss.named_buffers():
+        assert buf.dtype == torch.float32 and torch.isfinite(buf).all(), name
+    if hasattr(loss, "class_counts"):
+        assert loss.class_counts.sum() > 0
+    if hasattr(loss, "pos_grad"):
+        assert loss.neg_grad.sum() > 0
