@@ -20,7 +20,10 @@ docs/benchmarks.md name the former ``tools/benchmark_all.py`` = ``table`` and
 The table, in detail:
 
 Trains and evaluates, for each seed, the uniform baseline, repeat-factor sampling, BAGS (stage 2
-on the baseline), LOCE (normed-mask stage 1, then EBL + MFS), RIO and RIO replay + EBL, and writes
+on the baseline), LOCE (normed-mask stage 1, then EBL + MFS), RIO, RIO replay + EBL, Seesaw (with
+RFS), EQLv2 (uniform sampling, as the official recipe), the federated loss (with RFS) and NorCal on
+the RFS runs (``tools/calibrate.py``: gamma chosen on training images, then the validation set
+with and without it; no training of its own, so its cost columns are the RFS runs'), and writes
 
 * ``docs/benchmark_results.json``: per method and seed the bbox / segm metrics, training step
   time, peak memory, training and evaluation wall time; means and standard deviations;
@@ -34,8 +37,9 @@ A run whose ``eval_results.json`` exists is reused, an interrupted one resumes (
 the command can be stopped and restarted at any time. Sizes (``--size``):
 
 * ``cpu`` (default): the embedded dataset (2,000 training images <= 160 px) and a third of the
-  synthetic configs' schedule (400 iterations of 8 images; stage 2s shortened alike), so that
-  three seeds of all six methods fit in about two hours on 2 CPU cores;
+  synthetic configs' schedule (400 iterations of 8 images; stage 2s shortened alike): three
+  seeds of the ten methods are 27 trainings of about 10 minutes each (about 2.5 hours on 2 CPU
+  cores, two at a time);
 * ``gpu``: ``longtail_synth_large`` (96 categories, 8,000 training / 1,000 validation images
   of 192-320 px, larger objects), 16 images per iteration and a 15x longer schedule, for a GPU
   machine.
@@ -46,7 +50,9 @@ the command can be stopped and restarted at any time. Sizes (``--size``):
 baseline of its seed), each limited to cores / N torch threads: on 2 cores, ``--jobs 2`` gives
 more images per second than one run on both cores. Step-time ratios stay comparable because
 every run, baseline included, shares the machine the same way (they are per seed ratios).
-Trailing ``KEY VALUE`` pairs are passed to every ``train_net.py`` call.
+Trailing ``KEY VALUE`` pairs are passed to every ``train_net.py`` call. ``--methods`` runs a subset;
+with ``--section NAME`` its table goes to its own section of docs/benchmarks.md (and json and
+plots named after it) instead of replacing the full table.
 
 """
 import argparse
