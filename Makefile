@@ -59,7 +59,8 @@ BENCHMARK_JOBS ?= 2
 benchmark: setup
 	$(PY) tools/benchmark.py table --size $(BENCHMARK_SIZE) --jobs $(BENCHMARK_JOBS)
 
-# Step-time overhead of EBL / BAGS over softmax CE and of the BAGS merge at LVIS v1 scale.
+# Step-time overhead of EBL / BAGS / Seesaw / EQLv2 / sigmoid CE / fed loss over softmax CE, and of
+# the BAGS merge and NorCal at inference, at LVIS v1 scale.
 benchmark-overhead: setup
 	$(PY) tools/benchmark_overhead.py
 	$(PY) tools/benchmark_memory.py
