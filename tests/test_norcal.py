@@ -193,3 +193,27 @@ def test_calibrate_tool_sweeps_on_training_images_and_evaluates_both(repo_root, 
     if report["chosen_gamma"] > 0:  # calibration changes which detections survive
         assert test["calibrated"]["bbox"] != test["uncalibrated"]["bbox"]
     assert "Chosen gamma" in proc.stdout and "uncalibrated" in proc.stdout
+
+
+def test_bags_calibration_only_as_the_probs_extension():
+    from detectron2.modeling import build_model
+
+    cfg = _cfg("configs/Synthetic/bags_stage2.yaml", GAMMA=0.5)
+    cfg.MODEL.WEIGHTS = ""
+    with pytest.raises(ValueError, match="ALLOW_NON_SOFTMAX"):
+        build_model(cfg)
+    cfg = _cfg("configs/Synthetic/bags_stage2.yaml", GAMMA=0.5, ALLOW_NON_SOFTMAX=True,
+               WITH="probs")
+    cfg.MODEL.WEIGHTS = ""
+    pred = build_model(cfg).roi_heads.box_predictor
+    x = torch.randn(5, pred.cls_score.in_features)
+    scores, deltas = pred(x)
+
+    class P:
+        def __len__(self):
+            return 5
+
+    probs = pred.predict_probs((scores, deltas), [P()])[0]
+    merged = pred.cls_loss.probabilities(scores.detach())
+    assert probs.shape == merged.shape == (5, 49)
+    assert torch.allclose(probs, norcal_rescale(merged, pred.calibration.log_weights), atol=1e-6)

@@ -341,3 +341,16 @@ def test_rio_random_select_with_host_memory_on_cuda(tmp_path):
         for _ in range(3):  # the second step replays what the first pushed
             trainer.model(data)
     assert trainer.model.roi_heads.memory.fill.sum() > 0
+
+
+def test_upstream_loss_switches_with_detectron2_heads_on_v06_are_refused():
+    """On v0.6 detectron2's own heads have no sigmoid / federated loss: the switches that
+    add_longtail_config declares there would be ignored, so they are refused (main honours them)."""
+    from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+
+    cfg = make_cfg("configs/Synthetic/mask_rcnn_R18_FPN_rfs.yaml")
+    cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = True
+    if "use_fed_loss" in inspect.signature(FastRCNNOutputLayers.__init__).parameters:
+        pytest.skip("detectron2 main: StandardROIHeads trains its own sigmoid CE")
+    with pytest.raises(ValueError, match="MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE True: read only"):
+        Trainer.build_model(cfg)

@@ -257,9 +257,10 @@ def calibrate(config, out, trained, opts, size, log):
         cost = dict(json.load(f))
     (dataset, both), = report["test"].items()
     keys = ("AP", "AP50", "APr", "APc", "APf")
-    cost["results"] = {t: {k: both["calibrated"][t][k] for k in keys} for t in ("bbox", "segm")}
-    cost["uncalibrated"] = {t: {k: both["uncalibrated"][t][k] for k in keys}
-                            for t in ("bbox", "segm")}
+    # a task without detections has no results: NaN
+    cost["results"], cost["uncalibrated"] = ({t: {k: both[which].get(t, {}).get(k, float("nan"))
+                                                  for k in keys} for t in ("bbox", "segm")}
+                                             for which in ("calibrated", "uncalibrated"))
     cost["gamma"] = report["chosen_gamma"]
     cost["per_category_dir"] = os.path.join(out, "calibration", dataset,
                                             f"gamma{report['chosen_gamma']:g}")

@@ -36,6 +36,8 @@ sys.path.insert(0, ROOT)
 logger = logging.getLogger("longtail.calibrate")
 
 DEFAULT_GAMMAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+# the sweep of METHOD "cb" (class-balanced weights), whose GAMMA is beta in (0, 1)
+DEFAULT_BETAS = (0.9, 0.99, 0.999, 0.9999)
 
 
 def build_parser():
@@ -44,7 +46,8 @@ def build_parser():
     p.add_argument("--config-file", required=True)
     p.add_argument("--gammas", default=",".join(f"{g:g}" for g in DEFAULT_GAMMAS),
                    help="comma-separated gammas of the sweep (0 = no calibration is always "
-                        "included); default %(default)s")
+                        "included); default %(default)s (METHOD 'cb': betas "
+                        + ",".join(f"{b:g}" for b in DEFAULT_BETAS) + ")")
     p.add_argument("--images", type=int, default=300,
                    help="training images of the sweep, evenly spaced in image-id order")
     p.add_argument("--metric", choices=("bbox", "segm"), default=None,
@@ -158,13 +161,25 @@ def main(argv=None):
     if not cfg.MODEL.WEIGHTS:
         raise SystemExit("tools/calibrate.py needs the trained model: MODEL.WEIGHTS <path>.")
     metric = args.metric or ("segm" if cfg.MODEL.MASK_ON else "bbox")
+    cb = cfg.TEST.CALIBRATION.METHOD == "cb"
+    text = args.gammas
+    if cb and text == build_parser().get_default("gammas"):
+        text = ",".join(f"{b:g}" for b in DEFAULT_BETAS)
     try:
-        gammas = sorted(set([0.0] + [float(g) for g in args.gammas.split(",") if g.strip()]))
+        gammas = sorted(set([0.0] + [float(g) for g in text.split(",") if g.strip()]))
     except ValueError:
-        raise SystemExit(f"--gammas must be comma-separated numbers, got {args.gammas!r}")
-    if min(gammas) < 0:
-        raise SystemExit(f"--gammas must be >= 0, got {args.gammas!r}")
-    model = Trainer.build_model(cfg)
+        raise SystemExit(f"--gammas must be comma-separated numbers, got {text!r}")
+    if min(gammas) < 0 or (cb and max(gammas) >= 1):
+        raise SystemExit(f"--gammas {text!r}: must be >= 0" + (" and < 1 (beta of METHOD 'cb')"
+                                                                if cb else ""))
+    # the model is built with NorCal off; the sweep installs it gamma by gamma
+    plain = cfg.clone()
+    plain.defrost()
+    for key, default in (("GAMMA", 0.0), ("METHOD", "gamma"), ("WITH", "exps"), ("RENORM", True),
+                         ("ALLOW_NON_SOFTMAX", False)):
+        plain.TEST.CALIBRATION[key] = default
+    plain.freeze()
+    model = Trainer.build_model(plain)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     out = os.path.join(cfg.OUTPUT_DIR, "calibration")

@@ -323,6 +323,9 @@ class BalancedGroupSoftmax(ClassificationLoss):
     seeded by (seed, iteration, rank): nothing to save for an exact resume.
     """
 
+    # merged group probabilities, not a softmax of one logit vector (NorCal only as extension)
+    softmax_logits = False
+
     def __init__(self, num_classes: int, instance_counts, bin_edges=(10, 100, 1000),
                  others_ratio: float = 8.0, init_std: float = 0.01):
         super().__init__(num_classes)

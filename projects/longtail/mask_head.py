@@ -129,11 +129,14 @@ class NormedConvMaskPredictor(CosineMaskPredictor):
         nn.init.constant_(self.bias, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        x_unit = (xf / (xf.norm(dim=1, keepdim=True) + self.eps)).to(x.dtype)
-        w = self.weight.flatten(1).float()
-        w_unit = w / (w.norm(dim=1, keepdim=True) + self.eps) * self.scale
-        return F.conv2d(x_unit, w_unit.to(self.weight.dtype).view_as(self.weight), self.bias)
+        """[N, D, H, W] -> [N, K, H, W] float32 logits (computed in float32 whatever the
+        autocast state: at scale 20, bfloat16 cosines would move logits by up to ~0.1)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.float()
+            x_unit = xf / (xf.norm(dim=1, keepdim=True) + self.eps)
+            w = self.weight.flatten(1).float()
+            w_unit = w / (w.norm(dim=1, keepdim=True) + self.eps) * self.scale
+            return F.conv2d(x_unit, w_unit.view_as(self.weight), self.bias.float())
 
 
 @ROI_MASK_HEAD_REGISTRY.register()

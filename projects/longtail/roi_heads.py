@@ -84,6 +84,18 @@ def refuse_method_keys_without_longtail_heads(cfg) -> None:
         values[key] = cfg.MODEL.LONGTAIL[key.rsplit(".", 1)[1]]
         defaults[key] = default.MODEL.LONGTAIL[key.rsplit(".", 1)[1]]
     changed = sorted(k for k in values if values[k] != defaults.get(k))
+    # detectron2 v0.6's own predictor has no sigmoid / federated loss: its heads would ignore the
+    # switches that add_longtail_config declares there (main's heads honour them)
+    import inspect
+
+    from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+
+    if "use_fed_loss" not in inspect.signature(FastRCNNOutputLayers.__init__).parameters:
+        for key in ("USE_SIGMOID_CE", "USE_FED_LOSS"):
+            if cfg.MODEL.ROI_BOX_HEAD.get(key, False):
+                name = f"MODEL.ROI_BOX_HEAD.{key}"
+                values[name] = True
+                changed.append(name)
     if changed:
         raise ValueError(
             f"{', '.join(f'{k} {values[k]!r}' for k in changed)}: read only by the project's "

@@ -21,8 +21,11 @@ The two terms are logged as ``loss_cls_classes`` and ``loss_cls_objectness``. In
 State: the counts, one row per VGPU chunk of this process, never synchronised (the official
 counts are per GPU). They are a non-persistent buffer saved in each process's state file beside
 every checkpoint (:mod:`longtail.checkpoint`), so each chunk of each process resumes with its own
-counts (the official code reloads rank 0's counts on every GPU; fixed). A model loaded for
-inference or fine-tuning from weights starts with zero counts, as the official code does.
+counts (the official code reloads rank 0's counts on every GPU; fixed). They are not in the model
+file: a model loaded from weights (inference, or fine-tuning with ``MODEL.WEIGHTS``) starts with
+zero counts, where MMDetection's ``load_from`` would copy rank 0's counts to every GPU (the
+count vector's shape depends on the process layout; no official recipe fine-tunes a Seesaw
+model). Rows of weight 0 (rows that count nowhere, e.g. invalid memory draws) are not counted.
 
 The classifier is usually :class:`longtail.layers.NormedLinear` (``MODEL.LONGTAIL.CLS_LAYER
 "normed_linear"``, scale 20, with bias), as in the official configs.
