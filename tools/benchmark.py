@@ -609,8 +609,8 @@ def table(parser, args):
               "runs": {m: {str(s): v for s, v in per.items()} for m, per in raw.items()},
               "summary": summary, "wall_seconds_this_invocation": time.time() - start}
     lines = [
-        f"Machine: {report['machine']}. Command (repository root): `{report['command']}` "
-        + ("(`make benchmark`)" if not suffix else "") + f"; size `{args.size}`; "
+        f"Machine: {report['machine']}. Command (repository root): `{report['command']}`"
+        + (" (`make benchmark`)" if not suffix else "") + f"; size `{args.size}`; "
         f"machine-readable: `docs/benchmark_results{suffix}.json`.",
         "Dataset: the embedded **synthetic** long-tailed dataset "
         f"({dataset_description(args.size)}), models from scratch; these are not LVIS numbers. "
