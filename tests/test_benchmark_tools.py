@@ -119,7 +119,20 @@ def test_benchmark_all_schedules_stages_in_order_with_jobs(monkeypatch, tmp_path
                 "step_seconds": 0.5, "train_seconds": 3.0, "peak_rss_mib": 100.0,
                 "eval_seconds": 1.0}
 
+    trained_by = {}
+
+    def fake_calibrate(config, out, trained, opts, size, log):
+        # NorCal: no training; tools/calibrate.py on the trained (rfs) run of its seed
+        with lock:
+            calls.append((config, out, list(opts)))
+            trained_by[out] = trained
+        res = {k: 1.0 for k in ("AP", "AP50", "APr", "APc", "APf")}
+        return {"results": {"bbox": res, "segm": res}, "uncalibrated": {"bbox": res, "segm": res},
+                "gamma": 0.5, "per_category_dir": out, "wall_seconds": 2.0, "step_seconds": 0.5,
+                "train_seconds": 3.0, "peak_rss_mib": 100.0, "eval_seconds": None}
+
     monkeypatch.setattr(ba, "train", fake_train)
+    monkeypatch.setattr(ba, "calibrate", fake_calibrate)
     monkeypatch.setattr(ba, "dataset_description", lambda size: f"the {size} dataset")
     monkeypatch.setattr(ba, "ROOT", str(tmp_path))
     monkeypatch.setattr("sys.argv", ["benchmark.py", "table", "--size", "smoke", "--seeds", "0", "1",
@@ -135,10 +148,16 @@ def test_benchmark_all_schedules_stages_in_order_with_jobs(monkeypatch, tmp_path
         assert base < bags
         weights = calls[bags][2][calls[bags][2].index("MODEL.WEIGHTS") + 1]
         assert weights == f"output/benchmark/smoke/baseline/seed{seed}/s1/model_final.pth"
+        rfs = outs.index(f"output/benchmark/smoke/rfs/seed{seed}/s1")
+        norcal = outs.index(f"output/benchmark/smoke/norcal/seed{seed}/norcal")
+        assert rfs < norcal
+        assert trained_by[outs[norcal]] == f"output/benchmark/smoke/rfs/seed{seed}/s1"
     for _, _, opts in calls:
         assert opts[opts.index("MODEL.X") + 1] == "1"
         assert "LONGTAIL.NUM_THREADS" in opts  # --jobs limits each run's threads
-    assert "--jobs 2 MODEL.X 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--jobs 2 MODEL.X 1" in out
+    assert "NorCal: the rfs runs" in out and "seed 0: 0.5, seed 1: 0.5" in out
 
 
 def test_benchmark_all_rejects_odd_options(monkeypatch):
