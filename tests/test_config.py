@@ -50,6 +50,15 @@ def test_config_loads(path):
         assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
     if "stage2" in path:
         assert cfg.MODEL.LONGTAIL.TRAINABLE_PREFIXES and cfg.MODEL.WEIGHTS.endswith("model_final.pth")
+    # no key of an unselected loss or classifier layer (it would be ignored)
+    from longtail.cls_losses import CLS_LOSS_REGISTRY, resolve_cls_loss
+    from longtail.layers import CLS_LAYER_REGISTRY
+    from longtail.registry import refuse_keys_of_unselected
+
+    refuse_keys_of_unselected(cfg, CLS_LOSS_REGISTRY, resolve_cls_loss(cfg),
+                              "MODEL.LONGTAIL.CLS_LOSS")
+    refuse_keys_of_unselected(cfg, CLS_LAYER_REGISTRY, cfg.MODEL.LONGTAIL.CLS_LAYER,
+                              "MODEL.LONGTAIL.CLS_LAYER")
 
 
 @pytest.mark.parametrize("path", BASELINES + ["configs/Base-LongTail-RCNN-FPN.yaml"])
@@ -401,3 +410,74 @@ def test_removed_keys_fail_naming_the_new_key(old, new, tmp_path):
     path.write_text(text)
     with pytest.raises(KeyError, match=r"MODEL\.(RIO|LOCE)"):
         add_longtail_config(get_cfg()).merge_from_file(str(path))
+
+
+# keys read by one loss / classifier layer only: (key, a value != default, its readers)
+OWNED = [
+    ("MODEL.SEESAW.P", 0.5, {"seesaw"}),
+    ("MODEL.EQLV2.GAMMA", 6.0, {"eqlv2"}),
+    ("MODEL.BAGS.BIN_EDGES", [5, 50], {"bags"}),
+    ("MODEL.LOCE.ALPHA", 0.5, {"ebl"}),
+    ("MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES", 16, {"fed_loss"}),
+    ("MODEL.LONGTAIL.SIGMOID_PRIOR_PROB", 0.01, {"sigmoid_ce", "fed_loss"}),
+]
+LOSSES = ["softmax_ce", "ebl", "bags", "seesaw", "eqlv2", "sigmoid_ce", "fed_loss"]
+
+
+@pytest.mark.parametrize("key,value,readers", OWNED)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_keys_of_an_unselected_loss_are_refused_naming_the_key(key, value, readers, loss):
+    from longtail.cls_losses import CLS_LOSS_REGISTRY
+    from longtail.registry import refuse_keys_of_unselected
+
+    cfg = add_longtail_config(get_cfg())
+    cfg.MODEL.LONGTAIL.CLS_LOSS = loss
+    refuse_keys_of_unselected(cfg, CLS_LOSS_REGISTRY, loss, "MODEL.LONGTAIL.CLS_LOSS")  # defaults
+    _set(cfg, key, value)
+    if loss in readers:
+        refuse_keys_of_unselected(cfg, CLS_LOSS_REGISTRY, loss, "MODEL.LONGTAIL.CLS_LOSS")
+        return
+    with pytest.raises(ValueError) as e:
+        refuse_keys_of_unselected(cfg, CLS_LOSS_REGISTRY, loss, "MODEL.LONGTAIL.CLS_LOSS")
+    msg = str(e.value)
+    assert f"{key} {value!r}" in msg and f"MODEL.LONGTAIL.CLS_LOSS is {loss!r}" in msg
+    for reader in readers:
+        assert repr(reader) in msg
+
+
+@pytest.mark.parametrize("layer,key,value", [
+    ("linear", "MODEL.LONGTAIL.NORMED_LINEAR_SCALE", 16.0),
+    ("cosine", "MODEL.LONGTAIL.NORMED_LINEAR_SCALE", 16.0),
+    ("linear", "MODEL.RIO.COSINE_SCALE", 20.0),
+    ("normed_linear", "MODEL.RIO.COSINE_EPS", 1e-3),
+])
+def test_keys_of_an_unselected_classifier_layer_are_refused(layer, key, value):
+    from longtail.layers import CLS_LAYER_REGISTRY
+    from longtail.registry import refuse_keys_of_unselected
+
+    cfg = add_longtail_config(get_cfg())
+    _set(cfg, key, value)
+    with pytest.raises(ValueError, match=re.escape(f"{key} {value!r}")):
+        refuse_keys_of_unselected(cfg, CLS_LAYER_REGISTRY, layer, "MODEL.LONGTAIL.CLS_LAYER")
+    from torch import nn
+
+    from longtail.layers import build_cls_layer
+
+    cfg.MODEL.LONGTAIL.CLS_LAYER = layer  # wired into the classifier's build
+    with pytest.raises(ValueError, match=re.escape(f"{key} {value!r}")):
+        build_cls_layer(cfg, nn.Linear(8, 4), 4)
+    reader = "cosine" if key.startswith("MODEL.RIO") else "normed_linear"
+    refuse_keys_of_unselected(cfg, CLS_LAYER_REGISTRY, reader, "MODEL.LONGTAIL.CLS_LAYER")
+
+
+def test_model_build_refuses_a_seesaw_key_with_softmax(tmp_path):
+    # the refusal is wired into the predictor's build, not only callable
+    from longtail.cls_losses import build_cls_loss
+
+    cfg = add_longtail_config(get_cfg())
+    cfg.MODEL.SEESAW.Q = 0.0
+    with pytest.raises(ValueError, match=r"MODEL\.SEESAW\.Q 0\.0 \(read only by "
+                       r"MODEL\.LONGTAIL\.CLS_LOSS 'seesaw'\)"):
+        build_cls_loss(cfg, 3)
+    cfg.MODEL.LONGTAIL.CLS_LOSS = "seesaw"
+    assert build_cls_loss(cfg, 3).q == 0.0

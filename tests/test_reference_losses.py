@@ -573,9 +573,10 @@ def test_rio_replay_composes_with_the_reference_losses(loss, layer):
 
     from longtail import Trainer
 
+    fed = {"MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES": 16} if loss == "fed_loss" else {}
     cfg = _mini_cfg("configs/Synthetic/rio_R18_FPN.yaml", **{
         "MODEL.LONGTAIL.CLS_LOSS": loss, "MODEL.LONGTAIL.CLS_LAYER": layer,
-        "MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES": 16, "MODEL.LONGTAIL.IMS_PER_VGPU": 2})
+        "MODEL.LONGTAIL.IMS_PER_VGPU": 2, **fed})
     model = Trainer.build_model(cfg)
     data = next(iter(Trainer.build_train_loader(cfg)))
     model.train()

@@ -168,7 +168,8 @@ def test_upstream_loss_keys_select_the_project_loss(fed):
     cfg.MODEL.ROI_HEADS.NAME = "LongTailROIHeads"
     cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = True
     cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS = fed
-    cfg.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES = 20
+    if fed:  # read by the federated loss only (refused with sigmoid CE alone)
+        cfg.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES = 20
     prepare_datasets(cfg.DATASETS.TRAIN)
     loss = build_model(cfg).roi_heads.box_predictor.cls_loss
     assert type(loss) is (FederatedLoss if fed else SigmoidCE)

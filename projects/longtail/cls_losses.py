@@ -16,8 +16,9 @@ state (buffers, saved in checkpoints), and tells the predictor
 * :meth:`ClassificationLoss.accuracy_logits`: ``[N, C + 1]`` scores whose argmax is the predicted
   class, for detectron2's ``fast_rcnn/*accuracy`` metrics.
 
-Adding a loss: a new module with a subclass decorated by ``@register_loss("<name>")`` (``<name>``
-is the config value), imported by ``longtail/__init__.py``.
+Adding a loss: a new module with a subclass decorated by ``@register_loss("<name>", keys=...)``
+(``<name>`` is the config value; ``keys`` the config keys or nodes only this loss reads, refused
+while another loss is selected), imported by ``longtail/__init__.py``.
 
 Registered here: ``"softmax_ce"`` (detectron2's softmax cross-entropy, per-VGPU normalisers),
 ``"ebl"`` (LOCE's Equilibrium Loss) and ``"bags"`` (balanced group softmax); in their own modules:
@@ -48,7 +49,7 @@ from .equilibrium import (
     memory_score_entries,
 )
 from .memory import MemoryRows
-from .registry import register_as
+from .registry import register_as, refuse_keys_of_unselected
 
 __all__ = [
     "CLS_LOSS_REGISTRY",
@@ -210,18 +211,21 @@ def resolve_cls_loss(cfg) -> str:
 
 def build_cls_loss(cfg, num_classes: int) -> ClassificationLoss:
     """The loss :func:`resolve_cls_loss` names (``MODEL.LONGTAIL.CLS_LOSS``), built from
-    ``cfg``."""
+    ``cfg``. Keys that only another loss reads (``register_loss(keys=...)``), set away from
+    their defaults, are refused: they could not take effect."""
     name = resolve_cls_loss(cfg)
     if name not in CLS_LOSS_REGISTRY:
         raise ValueError(f"MODEL.LONGTAIL.CLS_LOSS={name!r}; choose one of "
                          f"{sorted(k for k, _ in CLS_LOSS_REGISTRY)}.")
+    refuse_keys_of_unselected(cfg, CLS_LOSS_REGISTRY, name, "MODEL.LONGTAIL.CLS_LOSS")
     return CLS_LOSS_REGISTRY.get(name).from_config(cfg, num_classes)
 
 
-def register_loss(name: str):
+def register_loss(name: str, keys: Sequence[str] = ()):
     """Class decorator: register a :class:`ClassificationLoss` subclass under the config value
-    ``name`` (``MODEL.LONGTAIL.CLS_LOSS``) and set its ``name``."""
-    return register_as(CLS_LOSS_REGISTRY, name)
+    ``name`` (``MODEL.LONGTAIL.CLS_LOSS``) and set its ``name``; ``keys``: the config keys / nodes
+    only this loss reads (refused while another loss is selected, :func:`build_cls_loss`)."""
+    return register_as(CLS_LOSS_REGISTRY, name, keys)
 
 
 @register_loss("softmax_ce")
@@ -233,7 +237,8 @@ class SoftmaxCE(ClassificationLoss):
         return {"loss_cls": chunk_mean(per_row, batch.chunk, batch.num_chunks, batch.weights)}
 
 
-@register_loss("ebl")
+@register_loss("ebl", keys=("MODEL.LOCE.ALPHA", "MODEL.LOCE.BG_SCORE",
+                            "MODEL.LOCE.INIT_SCORE"))
 class EquilibriumLoss(ClassificationLoss):
     """
     LOCE's Equilibrium Loss: cross-entropy on ``z + log m`` with the running mean scores ``m``
@@ -311,7 +316,7 @@ class EquilibriumLoss(ClassificationLoss):
                 storage.put_scalar(f"loce/mean_score_{group}", float(value), smoothing_hint=False)
 
 
-@register_loss("bags")
+@register_loss("bags", keys=("MODEL.BAGS",))
 class BalancedGroupSoftmax(ClassificationLoss):
     """
     BAGS's balanced group softmax: the classifier has ``C + 2 + G`` outputs (groups of classes by

@@ -101,7 +101,7 @@ def eqlv2_probabilities(logits: torch.Tensor, test_with_obj: bool = True) -> tor
     return torch.cat([p[:, :-1] * (1 - p[:, -1:]), p[:, -1:]], dim=1)
 
 
-@register_loss("eqlv2")
+@register_loss("eqlv2", keys=("MODEL.EQLV2",))
 class EQLv2Loss(ClassificationLoss):
     """EQLv2 (module docstring); ``C + 1`` sigmoid logits, global gradient statistics."""
 

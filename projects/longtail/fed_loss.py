@@ -91,7 +91,7 @@ def sigmoid_ce_loss(logits: torch.Tensor, labels: torch.Tensor,
     return chunk_mean(per_elem.sum(1), chunk, num_chunks, weights)
 
 
-@register_loss("sigmoid_ce")
+@register_loss("sigmoid_ce", keys=("MODEL.LONGTAIL.SIGMOID_PRIOR_PROB",))
 class SigmoidCE(ClassificationLoss):
     """Sigmoid cross-entropy over the foreground columns (module docstring), detectron2's
     ``USE_SIGMOID_CE``; ``C + 1`` logits, bias 0 unless ``MODEL.LONGTAIL.SIGMOID_PRIOR_PROB``."""
@@ -124,7 +124,9 @@ class SigmoidCE(ClassificationLoss):
         return torch.sigmoid(scores.float())
 
 
-@register_loss("fed_loss")
+@register_loss("fed_loss", keys=("MODEL.LONGTAIL.SIGMOID_PRIOR_PROB",
+                                 "MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES",
+                                 "MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER"))
 class FederatedLoss(SigmoidCE):
     """Federated sigmoid CE (module docstring), detectron2's ``USE_FED_LOSS``."""
 

@@ -18,14 +18,14 @@ parameters ``weight_v`` and ``weight_g`` receive the optimizer's default weight 
 official code (``weight_norm`` on a ``Linear``, without the deprecated hook).
 """
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from detectron2.utils.registry import Registry
 from torch import nn
 from torch.nn import functional as F
 
-from .registry import register_as
+from .registry import register_as, refuse_keys_of_unselected
 
 __all__ = ["CosineClassifier", "NormedLinear", "normed_linear", "CLS_LAYER_REGISTRY",
            "build_cls_layer", "register_layer"]
@@ -37,10 +37,11 @@ Classifier layers of the long-tail box predictor (``MODEL.LONGTAIL.CLS_LAYER``):
 """
 
 
-def register_layer(name: str):
+def register_layer(name: str, keys: Sequence[str] = ()):
     """Decorator: register a classifier-layer builder under the config value ``name``
-    (``MODEL.LONGTAIL.CLS_LAYER``)."""
-    return register_as(CLS_LAYER_REGISTRY, name)
+    (``MODEL.LONGTAIL.CLS_LAYER``); ``keys``: the config keys only this layer reads (refused
+    while another layer is selected, :func:`build_cls_layer`)."""
+    return register_as(CLS_LAYER_REGISTRY, name, keys)
 
 
 def build_cls_layer(cfg, default: nn.Linear, out_features: int) -> nn.Module:
@@ -49,6 +50,7 @@ def build_cls_layer(cfg, default: nn.Linear, out_features: int) -> nn.Module:
     if name not in CLS_LAYER_REGISTRY:
         raise ValueError(f"MODEL.LONGTAIL.CLS_LAYER={name!r}; choose one of "
                          f"{sorted(k for k, _ in CLS_LAYER_REGISTRY)}.")
+    refuse_keys_of_unselected(cfg, CLS_LAYER_REGISTRY, name, "MODEL.LONGTAIL.CLS_LAYER")
     return CLS_LAYER_REGISTRY.get(name)(cfg, default, default.in_features, out_features)
 
 
@@ -61,7 +63,7 @@ def linear_classifier(cfg, default, in_features, out_features):
     return nn.Linear(in_features, out_features)
 
 
-@register_layer("cosine")
+@register_layer("cosine", keys=("MODEL.RIO.COSINE_SCALE", "MODEL.RIO.COSINE_EPS"))
 def cosine_classifier(cfg, default, in_features, out_features):
     """RIO's scaled cosine classifier (:class:`CosineClassifier`, ``MODEL.RIO.COSINE_*``)."""
     return CosineClassifier(in_features, out_features, cfg.MODEL.RIO.COSINE_SCALE,
@@ -122,7 +124,7 @@ def normed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return F.linear(x_unit, scale * w_unit, bias)
 
 
-@register_layer("normed_linear")
+@register_layer("normed_linear", keys=("MODEL.LONGTAIL.NORMED_LINEAR_SCALE",))
 def normed_linear_classifier(cfg, default, in_features, out_features):
     """Seesaw's normalised linear classifier with bias (:class:`NormedLinear`,
     ``MODEL.LONGTAIL.NORMED_LINEAR_SCALE``)."""

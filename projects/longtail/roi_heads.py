@@ -21,6 +21,7 @@ from detectron2.structures import Boxes, Instances
 from .memory import ObjectMemory
 from .memory_policies import MemoryPolicy, build_memory_policy
 from .predictor import LongTailFastRCNNOutputLayers, without_upstream_loss
+from .registry import flat_keys
 
 __all__ = [
     "LongTailROIHeads",
@@ -49,14 +50,6 @@ HEAD_ONLY_KEYS = ("MODEL.LONGTAIL.CLS_LOSS", "MODEL.LONGTAIL.CLS_LAYER",
                   "MODEL.LONGTAIL.NORMED_LINEAR_SCALE", "MODEL.LONGTAIL.SIGMOID_PRIOR_PROB")
 
 
-def _flat(node, prefix: str) -> Dict[str, object]:
-    out = {}
-    for key, value in node.items():
-        name = f"{prefix}.{key}"
-        out.update(_flat(value, name) if isinstance(value, dict) else {name: value})
-    return out
-
-
 def refuse_method_keys_without_longtail_heads(cfg) -> None:
     """
     Refuse method keys that only :class:`LongTailROIHeads` reads (:data:`HEAD_ONLY_KEYS`, every
@@ -78,8 +71,8 @@ def refuse_method_keys_without_longtail_heads(cfg) -> None:
         got, ref = cfg, default
         for part in [*parents, leaf]:
             got, ref = got[part], ref[part]
-        values.update(_flat(got, node))
-        defaults.update(_flat(ref, node))
+        values.update(flat_keys(got, node))
+        defaults.update(flat_keys(ref, node))
     for key in HEAD_ONLY_KEYS:
         values[key] = cfg.MODEL.LONGTAIL[key.rsplit(".", 1)[1]]
         defaults[key] = default.MODEL.LONGTAIL[key.rsplit(".", 1)[1]]

@@ -153,7 +153,7 @@ def seesaw_probabilities(scores: torch.Tensor) -> torch.Tensor:
     return torch.cat([cls * obj[:, :1], obj[:, 1:]], dim=1)
 
 
-@register_loss("seesaw")
+@register_loss("seesaw", keys=("MODEL.SEESAW",))
 class SeesawLoss(ClassificationLoss):
     """Seesaw Loss with its objectness split (module docstring); ``C + 2`` logits."""
 
