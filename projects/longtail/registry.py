@@ -8,7 +8,8 @@ key set away from its default while another entry is selected, where it could no
 """
 from typing import Dict, Iterable, Tuple
 
-__all__ = ["register_as", "owned_keys", "refuse_keys_of_unselected", "flat_keys"]
+__all__ = ["register_as", "owned_keys", "refuse_keys_of_unselected", "flat_keys",
+           "lookup_key"]
 
 
 def register_as(registry, name: str, keys: Iterable[str] = ()):
@@ -42,7 +43,8 @@ def flat_keys(node, prefix: str) -> Dict[str, object]:
     return out
 
 
-def _lookup(cfg, key: str):
+def lookup_key(cfg, key: str):
+    """The value (or node) of the dotted ``key`` in ``cfg``."""
     node = cfg
     for part in key.split("."):
         node = node[part]
@@ -79,14 +81,15 @@ def refuse_keys_of_unselected(cfg, registry, selected: str, selector: str) -> No
         if name == selected:
             continue
         for node in owners[name]:
-            got, ref = flat_keys(_lookup(cfg, node), node), flat_keys(_lookup(default, node), node)
+            got = flat_keys(lookup_key(cfg, node), node)
+            ref = flat_keys(lookup_key(default, node), node)
             for key, value in got.items():
                 if any(key == k or key.startswith(k + ".") for k in in_use):
                     continue
                 if value != ref.get(key):
                     readers.setdefault(key, []).append(name)
     if readers:
-        bad = [f"{key} {_lookup(cfg, key)!r} (read only by {selector} "
+        bad = [f"{key} {lookup_key(cfg, key)!r} (read only by {selector} "
                + " / ".join(repr(n) for n in names) + ")" for key, names in sorted(readers.items())]
         raise ValueError(
             f"{selector} is {selected!r}, so these keys would be ignored: " + "; ".join(bad)

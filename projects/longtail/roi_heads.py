@@ -21,7 +21,7 @@ from detectron2.structures import Boxes, Instances
 from .memory import ObjectMemory
 from .memory_policies import MemoryPolicy, build_memory_policy
 from .predictor import LongTailFastRCNNOutputLayers, without_upstream_loss
-from .registry import flat_keys
+from .registry import flat_keys, lookup_key
 
 __all__ = [
     "LongTailROIHeads",
@@ -67,12 +67,8 @@ def refuse_method_keys_without_longtail_heads(cfg) -> None:
     default = add_longtail_config(get_cfg())
     values, defaults = {}, {}
     for node in HEAD_ONLY_NODES:
-        *parents, leaf = node.split(".")
-        got, ref = cfg, default
-        for part in [*parents, leaf]:
-            got, ref = got[part], ref[part]
-        values.update(flat_keys(got, node))
-        defaults.update(flat_keys(ref, node))
+        values.update(flat_keys(lookup_key(cfg, node), node))
+        defaults.update(flat_keys(lookup_key(default, node), node))
     for key in HEAD_ONLY_KEYS:
         values[key] = cfg.MODEL.LONGTAIL[key.rsplit(".", 1)[1]]
         defaults[key] = default.MODEL.LONGTAIL[key.rsplit(".", 1)[1]]
